@@ -37,17 +37,19 @@ class EncoderAdapter(nn.Module):
         stride: Total stride of the final feature map (the decoder's upsampling factor).
     """
 
+    model: Any  # a timm model; its submodules are reached by name, so keep it untyped
+
     def __init__(self, model: nn.Module, embed_dim: int, patch_size: int, stride: int) -> None:
         super().__init__()
         self.model = model
         self.embed_dim = embed_dim
-        self.num_features = int(model.num_features)  # type: ignore[arg-type]
+        self.num_features = int(self.model.num_features)
         self.patch_size = patch_size
         self.stride = stride
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens, (B, L, D) for ViTs or (B, h, w, D) for Swin."""
-        return self.model.patch_embed(images)  # type: ignore[operator]
+        return self.model.patch_embed(images)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Everything after patch embedding; returns the final feature map (B, C, h, w)."""
@@ -174,12 +176,13 @@ def create_encoder(name: str, *, init: str = "mae", pos_embed: str = "sincos", *
         **kwargs: Passed to ``timm.create_model``.
     """
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model: Any = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise ConfigError([f"timm could not build {name!r} with {kwargs}: {err}"]) from None
     if isinstance(model, SwinTransformer | SwinTransformerV2):
-        patch = model.patch_embed.patch_size[0]
-        return SwinAdapter(model, model.embed_dim, patch, model.feature_info[-1]["reduction"])
+        swin: Any = model  # timm's Swin attributes are untyped
+        stride = int(swin.feature_info[-1]["reduction"])
+        return SwinAdapter(swin, swin.embed_dim, swin.patch_embed.patch_size[0], stride)
     if isinstance(model, VisionTransformer | Eva):
         if pos_embed == "sincos" and model.pos_embed is not None:
             _freeze_sincos(model)
@@ -191,7 +194,7 @@ def create_encoder(name: str, *, init: str = "mae", pos_embed: str = "sincos", *
     raise ConfigError([f"model.name: {name!r} is not supported for SimMIM (supported: {SUPPORTED_FAMILIES})"])
 
 
-def _freeze_sincos(model: nn.Module) -> None:
+def _freeze_sincos(model: Any) -> None:
     pos = model.pos_embed  # (1, P+L, D) or (1, L, D)
     grid = model.patch_embed.grid_size[0]
     table = sincos_2d_pos_embed(pos.shape[-1], grid)  # (L, D)
@@ -201,7 +204,7 @@ def _freeze_sincos(model: nn.Module) -> None:
     pos.requires_grad_(False)
 
 
-def _init_mae(model: nn.Module) -> None:
+def _init_mae(model: Any) -> None:
     """MAE initialisation: xavier-uniform linears, zero biases, unit norms, 0.02 tokens."""
     for module in model.modules():
         if isinstance(module, nn.Linear):

@@ -42,7 +42,7 @@ class Embedder:
                  precision: str = "fp32") -> None:
         self.device = resolve_device(device)
         self.amp = resolve_amp(precision, self.device)
-        self.model = model.to(self.device).eval()
+        self.model: Any = model.to(self.device).eval()
         self.config = config
         self.transform = EvalTransform(config["image_size"], tuple(config["mean"]), tuple(config["std"]))
 

@@ -26,7 +26,8 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def split_indices(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A stratified train/test split of indices, fixed by ``seed``."""
     rng = np.random.default_rng(seed)
-    train, test = [], []
+    train: list[int] = []
+    test: list[int] = []
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label))
         n_test = round(len(idx) * test_fraction)
@@ -37,7 +38,7 @@ def split_indices(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0)
 
 def digit_image(image: np.ndarray, size: int) -> Image.Image:
     """One 8x8 digit as an RGB image of ``size`` px (bicubic upscaling, white strokes on black)."""
-    return Image.fromarray(image, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+    return Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
 
 
 def write_digits(root: str | Path, size: int = 32, test_fraction: float = 0.2, seed: int = 0,

@@ -97,3 +97,34 @@ def _pil_images(folder: Path, n: int):
     from PIL import Image
 
     return [Image.open(p).convert("RGB") for p in sorted(folder.rglob("*.png"))[:n]]
+
+
+def test_swin_trains_exports_and_matches_plain_timm(digits: dict[str, Path], tmp_path: Path) -> None:
+    model = {"name": "swin_tiny_patch4_window7_224", "image_size": 64, "patch_size": None,
+             "mask_patch_size": 32,
+             "model_kwargs": {"depths": [1, 1, 1, 1], "embed_dim": 24, "num_heads": [1, 1, 2, 2]}}
+    result = train(tiny_config(digits["train"], tmp_path / "swin", model=model, optim={"max_steps": 3}))
+    cfg = json.loads((result.encoder_dir / "config.json").read_text())
+    assert cfg["timm_kwargs"]["window_size"] == 2  # 64 px / 32
+    plain = timm.create_model(cfg["timm_name"], pretrained=False, **cfg["timm_kwargs"]).eval()
+    plain.load_state_dict(load_file(str(result.encoder_dir / "encoder.safetensors")))
+    ours = Embedder.load(result.encoder_dir)
+    images = torch.stack([ours.transform(img) for img in _pil_images(digits["test"], 2)])
+    with torch.no_grad():
+        assert torch.allclose(ours.embed_tensors(images), plain(images), atol=1e-5)
+    assert ours.embed_tensors(images, layer=1).shape == (2, 48)
+    with pytest.raises(ConfigError, match="no class token"):
+        ours.embed_tensors(images, pooling="cls")
+
+
+def test_init_checkpoint_loads_exported_weights(trained: Path) -> None:
+    from simmim.config import ModelConfig
+    from simmim.model import build_model
+
+    cfg = json.loads((trained / "config.json").read_text())["model"]
+    fresh = build_model(ModelConfig(**cfg))
+    init = build_model(ModelConfig(**{**cfg, "init_checkpoint": str(trained / "encoder" / "encoder.safetensors")}))
+    exported = load_file(str(trained / "encoder" / "encoder.safetensors"))
+    for name, value in init.encoder.model.state_dict().items():
+        assert torch.equal(value, exported[name]), name
+    assert not torch.equal(fresh.encoder.model.blocks[0].attn.qkv.weight, init.encoder.model.blocks[0].attn.qkv.weight)
