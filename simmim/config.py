@@ -116,13 +116,8 @@ class TrainConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
-    def _check_sizes(self) -> TrainConfig:
-        m = self.model
-        if m.image_size % m.mask_patch_size != 0:
-            raise ValueError(
-                f"model.image_size ({m.image_size}) must be divisible by "
-                f"model.mask_patch_size ({m.mask_patch_size})"
-            )
+    def _check_length(self) -> TrainConfig:
+        # Mask geometry is checked against the encoder's patch size by simmim.masking.
         if self.optim.epochs is None and self.optim.max_steps is None:
             raise ValueError("set optim.epochs or optim.max_steps")
         return self
