@@ -1,0 +1,447 @@
+"""Training-step throughput: simmim's SimMIM vs lightly's SimMIM recipe vs a plain timm ViT.
+
+One iteration = one full training step (forward, backward, AdamW step, zero_grad) on random
+images already on the device; every config uses the same timm ViT, batch and image size.
+
+Configs:
+  ours                 simmim ``build_model``; masks from our ``MaskGenerator`` (pre-drawn, on
+                       the device, cycled); AdamW(model.param_groups(0.05)); grad clip 5.0 and
+                       the per-step ``loss.item()`` check, exactly as ``simmim.engine`` does.
+  ours_compiled        the same with ``torch.compile(model)`` (default on CUDA; CPU: --compile).
+  ours_noclip          ``ours`` without gradient clipping: lightly's recipe does not clip, so
+                       this separates the cost of the recipe from the cost of the code.
+  lightly_recipe_fp32  lightly's recipe (bench/_lightly_recipe.py), fp32 (TF32 matmuls on CUDA);
+                       its 75 % token mask is drawn on the device inside the step, as it does.
+  lightly_recipe_bf16  the same under bf16 autocast (default on CUDA only).
+  timm_plain           plain timm ViT: forward_features -> mean -> backward -> AdamW; a lower
+                       bound for the cost of the encoder alone.
+
+Each config runs in its own worker process, so peak memory is per config:
+``torch.cuda.max_memory_allocated`` on CUDA, the growth of ``ru_maxrss`` since the worker's
+imports on CPU. Workers are started one at a time (build + warmup), then timed in rounds
+that interleave the configs (rotating the order), and the median round is reported. Only one
+worker computes at a time; the others wait on a pipe. On CPU, workers run with fixed glibc
+malloc settings (CPU_MALLOC_ENV; --default-malloc to turn off) and the JSON records each
+round, so the spread between rounds shows how noisy the machine was.
+
+Examples:
+  .venv/bin/python bench/train_step.py --out bench/results/train_step_cpu.json
+  python bench/train_step.py --out bench/results/train_step_cuda.json   # on a GPU host: ViT-B/16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from _common import emit, environment, log, resolve_device  # also puts the repo on sys.path
+from _lightly_recipe import build_lightly_simmim, lightly_vit_kwargs
+from torch import nn
+
+from simmim.config import ModelConfig
+from simmim.model import build_mask_generator, build_model, encoder_kwargs
+
+ALL_CONFIGS = ("ours", "ours_compiled", "ours_noclip", "lightly_recipe_fp32", "lightly_recipe_bf16",
+               "timm_plain")
+MASK_POOL = 8  # distinct mask batches cycled by `ours`
+# glibc malloc settings for CPU workers: serve every tensor below 32 MiB from the heap and never
+# hand freed memory back, so steps do not page-fault fresh memory in. With glibc's adaptive
+# defaults some worker processes fault in ~150 MB per step and others almost none, which
+# swings a config's speed by up to ~20 % from one run to the next. The same for every config.
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything a worker needs to build one config (sent as JSON)."""
+
+    config: str
+    device: str
+    model: str
+    image_size: int
+    batch_size: int
+    precision: str
+    mask_patch_size: int
+    mask_ratio: float
+    lightly_mask_ratio: float
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    patch_size: int | None = None
+    warmup: int = 3
+    round_warmup: int = 0
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _config_precision(spec: Spec) -> str:
+    if spec.config.startswith("lightly_recipe_"):
+        return spec.config.removeprefix("lightly_recipe_")
+    return spec.precision
+
+
+def _model_config(spec: Spec) -> ModelConfig:
+    return ModelConfig(name=spec.model, image_size=spec.image_size, patch_size=spec.patch_size,
+                       mask_patch_size=spec.mask_patch_size, mask_ratio=spec.mask_ratio,
+                       model_kwargs=spec.model_kwargs)
+
+
+def _adamw(params: Any, device: torch.device, lr: float = 1e-4, weight_decay: float = 0.05) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def _build_ours(spec: Spec, device: torch.device, images: torch.Tensor,
+                compiled: bool, clip: bool = True) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
+    cfg = _model_config(spec)
+    model = build_model(cfg).to(device)
+    gen = build_mask_generator(cfg, model.encoder)
+    rng = np.random.default_rng(spec.seed)
+    masks = torch.from_numpy(np.stack([gen(rng) for _ in range(MASK_POOL * spec.batch_size)]))
+    masks = masks.view(MASK_POOL, spec.batch_size, *masks.shape[1:]).to(device)  # uint8 (P, B, g, g)
+    opt = _adamw(model.param_groups(0.05), device)
+    fn = torch.compile(model) if compiled else model
+    amp = _config_precision(spec)
+
+    def step(i: int) -> None:
+        with _autocast(device, amp):
+            loss, _ = fn(images, masks[i % MASK_POOL])
+        loss.backward()
+        float(loss.item())  # the engine reads the loss every step (non-finite check)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    info = {"mask": f"{spec.mask_patch_size} px blocks, ratio {spec.mask_ratio}, "
+                    f"{gen.num_masked}/{gen.num_blocks} blocks = "
+                    f"{gen.num_masked / gen.num_blocks:.3f} of tokens",
+            "optimizer": f"AdamW(param_groups(0.05)), {'clip_grad_norm 5.0' if clip else 'no clip'}, "
+                         "loss.item() per step",
+            "tokens": gen.token_grid**2}
+    return step, model, info
+
+
+def _build_lightly(spec: Spec, device: torch.device,
+                   images: torch.Tensor) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
+    kwargs = lightly_vit_kwargs(encoder_kwargs(_model_config(spec)))
+    model = build_lightly_simmim(spec.model, kwargs, spec.lightly_mask_ratio).to(device)
+    opt = _adamw(model.parameters(), device, lr=1.5e-4, weight_decay=0.01)  # lightly example's AdamW
+    amp = _config_precision(spec)
+
+    def step(i: int) -> None:
+        idx_mask = model.random_mask(images.shape[0], device)
+        with _autocast(device, amp):
+            loss = model(images, idx_mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    masked = model.random_mask(1, device).shape[1]
+    info = {"mask": f"random token mask, ratio {spec.lightly_mask_ratio}: {masked}/"
+                    f"{model.sequence_length - 1} tokens, drawn on the device every step",
+            "optimizer": "AdamW(model.parameters(), lr=1.5e-4) as lightly's example, no clip",
+            "tokens": model.sequence_length - 1}
+    return step, model, info
+
+
+def _build_timm_plain(spec: Spec, device: torch.device,
+                      images: torch.Tensor) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
+    model = timm.create_model(spec.model, pretrained=False, **encoder_kwargs(_model_config(spec))).to(device)
+    opt = _adamw(model.parameters(), device)
+    amp = _config_precision(spec)
+
+    def step(i: int) -> None:
+        with _autocast(device, amp):
+            loss = model.forward_features(images).float().mean()  # type: ignore[operator]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model, {"optimizer": "AdamW(model.parameters()), no clip", "mask": None}
+
+
+def _build(spec: Spec, device: torch.device,
+           images: torch.Tensor) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
+    if spec.config in ("ours", "ours_compiled", "ours_noclip"):
+        return _build_ours(spec, device, images, compiled=spec.config == "ours_compiled",
+                           clip=spec.config != "ours_noclip")
+    if spec.config.startswith("lightly_recipe_"):
+        return _build_lightly(spec, device, images)
+    if spec.config == "timm_plain":
+        return _build_timm_plain(spec, device, images)
+    raise ValueError(f"unknown config {spec.config!r}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device, baseline_rss_kib: int) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"kind": "torch.cuda.max_memory_allocated",
+                "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"kind": "ru_maxrss growth since the worker's imports (RSS high-water mark)",
+            "peak_mib": (peak_kib - baseline_rss_kib) / 1024, "process_peak_rss_mib": peak_kib / 1024}
+
+
+def _reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def worker_main(spec: Spec) -> None:
+    """Build one config, warm it up, then time steps on request until told to quit."""
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(spec.seed)
+    images = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
+    step, model, info = _build(spec, device, images)
+    model.train()
+    info["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["precision"] = _config_precision(spec)
+    t0 = time.perf_counter()
+    i = 0
+    for _ in range(spec.warmup):
+        step(i)
+        i += 1
+    _sync(device)
+    info["warmup_seconds"] = time.perf_counter() - t0
+    _reply({"ready": True, "info": info})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            _reply({"memory": _peak_memory(device, baseline)})
+            return
+        for _ in range(spec.round_warmup):  # untimed: caches and clocks back after idling
+            step(i)
+            i += 1
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(cmd["iters"]):
+            step(i)
+            i += 1
+        _sync(device)
+        _reply({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start})
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+class Worker:
+    """A running worker process for one config, driven over its stdin/stdout."""
+
+    def __init__(self, spec: Spec, env: dict[str, str]) -> None:
+        self.spec = spec
+        cmd = [sys.executable, __file__, "--worker-spec", json.dumps(asdict(spec))]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **env})
+        self.info = self._read()["info"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"worker {self.spec.config} exited with code {self.proc.returncode}")
+        return json.loads(line)
+
+    def ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def quit(self) -> dict[str, Any]:
+        reply = self.ask({"cmd": "quit"})
+        self.proc.wait(timeout=60)
+        return reply
+
+
+def default_configs(device: torch.device, compile_flag: bool | None, precision: str) -> list[str]:
+    """CUDA: all six. CPU: all but ours_compiled (only with --compile) and lightly_recipe_bf16."""
+    cuda = device.type == "cuda"
+    configs = ["ours"]
+    if compile_flag or (compile_flag is None and cuda):
+        configs.append("ours_compiled")
+    configs.append("ours_noclip")
+    configs += ["lightly_recipe_fp32", "lightly_recipe_bf16"] if cuda else [f"lightly_recipe_{precision}"]
+    configs.append("timm_plain")
+    return configs
+
+
+def run_rounds(workers: dict[str, Worker], rounds: int,
+               iters: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per step for each config and round.
+
+    The start of the order rotates each round so no config always follows the same one.
+    """
+    names = list(workers)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            reply = workers[name].ask({"cmd": "run", "iters": iters})
+            wall[name].append(reply["seconds"] / iters)
+            cpu[name].append(reply["cpu_seconds"] / iters)
+            log(f"round {r + 1}/{rounds} {name:20s} {reply['seconds'] / iters * 1e3:8.1f} ms/step")
+    return wall, cpu
+
+
+def summarise(wall: dict[str, list[float]], cpu: dict[str, list[float]], workers: dict[str, Worker],
+              memory: dict[str, dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """Per config: img/s and ms/step of the median round, the best round, every round, peak
+    memory, and the ratios to lightly's recipe at the same precision (median and best round)."""
+    out: dict[str, Any] = {}
+    for name, times in wall.items():
+        med, best = statistics.median(times), min(times)
+        out[name] = {"img_per_s": batch_size / med, "ms_per_step": med * 1e3,
+                     "img_per_s_best_round": batch_size / best,
+                     "ms_per_step_rounds": [round(t * 1e3, 2) for t in times],
+                     "cpu_ms_per_step": statistics.median(cpu[name]) * 1e3,
+                     "peak_memory_mib": memory[name]["peak_mib"], "memory": memory[name],
+                     **workers[name].info}
+    for row in out.values():
+        ref = f"lightly_recipe_{row['precision']}"
+        found = ref in out
+        row["reference"] = ref if found else None
+        row["ratio_to_lightly"] = row["img_per_s"] / out[ref]["img_per_s"] if found else None
+        row["ratio_to_lightly_best_round"] = (
+            row["img_per_s_best_round"] / out[ref]["img_per_s_best_round"] if found else None)
+    return out
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers a reader wants first, rounded."""
+    def r(v: float | None, nd: int) -> float | None:
+        return None if v is None else round(v, nd)
+    return {name: {"img_per_s": r(row["img_per_s"], 1), "ms_per_step": r(row["ms_per_step"], 1),
+                   "ratio_to_lightly": r(row["ratio_to_lightly"], 3),
+                   "ratio_to_lightly_best_round": r(row["ratio_to_lightly_best_round"], 3),
+                   "peak_memory_mib": r(row["peak_memory_mib"], 0)} for name, row in results.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Defaults: CUDA -> vit_base_patch16_224, 224 px, batch 128, bf16, 10 warmup, 20 iters x 3 "
+               "rounds; CPU -> vit_tiny_patch16_224, 96 px, batch 32, fp32, 3 warmup, 2 iters x 15 rounds. "
+               "ratio_to_lightly = img/s of the config / img/s of lightly_recipe at the same precision "
+               "(> 1 means faster than lightly's recipe).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--model", help="timm model name (default per device, see below)")
+    p.add_argument("--model-kwargs", type=json.loads, default={},
+                   help='extra timm.create_model kwargs as JSON, e.g. \'{"depth": 6}\'')
+    p.add_argument("--patch-size", type=int, help="override the ViT patch size")
+    p.add_argument("--image-size", type=int, help="image side in px (divisible by --mask-patch-size)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="precision of ours/ours_compiled/timm_plain (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--mask-patch-size", type=int, default=32, help="our mask block side in px (default 32)")
+    p.add_argument("--mask-ratio", type=float, default=0.6, help="our mask ratio (default 0.6)")
+    p.add_argument("--lightly-mask-ratio", type=float, default=0.75, help="lightly's token mask ratio")
+    p.add_argument("--configs", help=f"comma-separated subset of {','.join(ALL_CONFIGS)}")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="include ours_compiled (default: on with CUDA, off on CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--warmup", type=int, help="untimed steps after building each config")
+    p.add_argument("--iters", type=int, help="timed steps per config per round")
+    p.add_argument("--rounds", type=int, help="interleaved rounds; the median is reported (default 3 on CUDA, 15 on CPU)")
+    p.add_argument("--round-warmup", type=int,
+                   help="untimed steps before each timed round (default 1 on CUDA, 0 on CPU)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="CPU: keep glibc's adaptive malloc instead of the fixed settings (see CPU_MALLOC_ENV)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--worker-spec", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build_spec(args: argparse.Namespace, device: torch.device) -> Spec:
+    """Fill device-dependent defaults into a Spec (config left empty)."""
+    cuda = device.type == "cuda"
+    return Spec(
+        config="", device=str(device),
+        model=args.model or ("vit_base_patch16_224" if cuda else "vit_tiny_patch16_224"),
+        image_size=args.image_size or (224 if cuda else 96),
+        batch_size=args.batch_size or (128 if cuda else 32),
+        precision=args.precision or ("bf16" if cuda else "fp32"),
+        mask_patch_size=args.mask_patch_size, mask_ratio=args.mask_ratio,
+        lightly_mask_ratio=args.lightly_mask_ratio, model_kwargs=args.model_kwargs,
+        patch_size=args.patch_size,
+        warmup=args.warmup if args.warmup is not None else (10 if cuda else 3),
+        round_warmup=args.round_warmup if args.round_warmup is not None else int(cuda), seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker_spec:
+        worker_main(Spec(**json.loads(args.worker_spec)))
+        return
+    device = resolve_device(args.device)
+    base = build_spec(args, device)
+    iters = args.iters or (20 if device.type == "cuda" else 2)
+    configs = args.configs.split(",") if args.configs else default_configs(device, args.compile, base.precision)
+    unknown = sorted(set(configs) - set(ALL_CONFIGS))
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {ALL_CONFIGS}")
+    rounds = args.rounds or (3 if device.type == "cuda" else 15)
+    env = {} if device.type == "cuda" or args.default_malloc else CPU_MALLOC_ENV
+    t0 = time.perf_counter()
+    workers: dict[str, Worker] = {}
+    memory: dict[str, dict[str, Any]] = {}
+    try:
+        for name in configs:
+            log(f"starting {name} (build + {base.warmup} warmup steps)")
+            workers[name] = Worker(Spec(**{**asdict(base), "config": name}), env)
+        wall, cpu = run_rounds(workers, rounds, iters)
+        for name, w in workers.items():
+            memory[name] = w.quit()["memory"]
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
+    results = summarise(wall, cpu, workers, memory, base.batch_size)
+    result = {
+        "benchmark": "train_step",
+        "summary": headline(results),
+        "environment": environment(device),
+        "config": {**{k: v for k, v in asdict(base).items() if k != "config"}, "iters_per_round": iters,
+                   "rounds": rounds, "configs": configs, "worker_env": env,
+                   "statistic": "median over rounds of the mean step time within a round",
+                   "data": "random normal images, already on the device"},
+        "results": results,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
