@@ -63,6 +63,7 @@ class TrainResult:
 
 
 ProgressCallback = Callable[[Progress], None]
+CheckpointCallback = Callable[[CheckpointInfo], None]
 
 
 def train(
@@ -71,6 +72,7 @@ def train(
     on_progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = True,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> TrainResult:
     """Run SimMIM pretraining as described by ``cfg``.
 
@@ -79,19 +81,23 @@ def train(
         on_progress: Called on the main process every ``run.log_every`` steps and at the end.
         should_stop: Polled every step; when it returns True the run checkpoints and returns.
         resume: Continue from the newest valid checkpoint in ``run.output_dir`` if any.
+        on_checkpoint: Called on the main process right after each checkpoint is saved
+            (periodic, on stop and final), e.g. to record or upload it.
     """
     rt = setup_runtime(cfg.run.device, cfg.run.precision)
     try:
-        return _Trainer(cfg, rt, on_progress, should_stop).run(resume)
+        return _Trainer(cfg, rt, on_progress, should_stop, on_checkpoint).run(resume)
     finally:
         teardown_runtime(rt)
 
 
 class _Trainer:
     def __init__(self, cfg: TrainConfig, rt: Runtime, on_progress: ProgressCallback | None,
-                 should_stop: Callable[[], bool] | None) -> None:
+                 should_stop: Callable[[], bool] | None,
+                 on_checkpoint: CheckpointCallback | None = None) -> None:
         self.cfg, self.rt = cfg, rt
         self.on_progress, self.should_stop = on_progress, should_stop
+        self.on_checkpoint = on_checkpoint
         torch.manual_seed(cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         self.model = build_model(cfg.model).to(rt.device)
@@ -223,6 +229,8 @@ class _Trainer:
         info = self.ckpts.save(self._state(), self.step, final=final) if self.rt.is_main else None
         if self.rt.distributed:
             torch.distributed.barrier()
+        if info is not None and self.on_checkpoint is not None:
+            self.on_checkpoint(info)
         return info
 
     def _resume(self) -> int | None:

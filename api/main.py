@@ -1,0 +1,69 @@
+"""Builds the FastAPI app: settings, dispatcher, store and routers wired together, nothing else.
+
+``uvicorn --factory api.main:app_factory`` reads ``SIMMIM_*`` settings when it starts (never
+at import). The lifespan opens the job store and brings its schema up to date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from api.body_limit import BodyLimitMiddleware
+from api.deps import EMBED_CONCURRENCY
+from api.dispatch import CeleryDispatcher, Dispatcher
+from api.errors import install_error_handlers, problem_responses
+from api.observability import Instruments, MetricsMiddleware
+from api.openapi import install_openapi
+from api.routes import checkpoints, embeddings, events, health, jobs
+from jobstore.db import make_engine, migrate, session_factory
+from simmim_service.artifacts import ArtifactStore
+from simmim_service.settings import Settings
+
+DESCRIPTION = """Self-supervised pretraining of timm image encoders with SimMIM, as a service.
+Errors are RFC 9457 `application/problem+json`. Authenticate with `Authorization: Bearer <key>`."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the job store (migrating it) for the app's lifetime."""
+    settings: Settings = app.state.settings
+    engine = make_engine(settings.database_url)
+    await anyio.to_thread.run_sync(migrate, engine)
+    app.state.sessions = session_factory(engine)
+    app.state.embed_slots = anyio.CapacityLimiter(EMBED_CONCURRENCY)
+    try:
+        yield
+    finally:
+        app.state.sessions = None
+        engine.dispose()
+        if isinstance(app.state.dispatcher, CeleryDispatcher) and app.state.owns_dispatcher:
+            app.state.dispatcher.close()
+
+
+def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """The API for ``settings`` (default: from the environment) and ``dispatcher`` (default: Celery)."""
+    settings = settings or Settings()
+    app = FastAPI(title="SimMIM pretraining service", version="1.0.0", description=DESCRIPTION,
+                  lifespan=lifespan, responses=problem_responses(500))
+    app.state.settings = settings
+    app.state.owns_dispatcher = dispatcher is None
+    app.state.dispatcher = dispatcher or CeleryDispatcher(settings)
+    app.state.artifacts = ArtifactStore(settings.artifact_root, settings.artifact_storage_options)
+    app.state.sessions = None
+    app.state.instruments = Instruments(lambda: app.state.sessions)
+    for module in (jobs, events, checkpoints, embeddings, health):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    install_openapi(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_embed_bytes + (1 << 20))
+    app.add_middleware(MetricsMiddleware, instruments=app.state.instruments)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For ``uvicorn --factory api.main:app_factory``: settings from ``SIMMIM_*`` variables."""
+    return create_app()

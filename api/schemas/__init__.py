@@ -1,0 +1,1 @@
+"""Request and response bodies (``JobCreate`` lives in ``simmim_service.spec``)."""

@@ -1,0 +1,1 @@
+"""What the routes do, as plain functions with keyword-only arguments (no HTTP types here)."""
