@@ -92,6 +92,8 @@ class CeleryDispatcher:
                                  "is a worker consuming the 'embed' queue?") from err
         except ValueError as err:
             raise Unprocessable(f"the embedding worker refused the input: {err}") from err
+        except TimeoutError as err:  # the worker's own embed_timeout_s ran out
+            raise GatewayTimeout(f"the embedding worker gave up: {err}") from err
         except Exception as err:  # whatever the worker raised, the caller gets a 502
             log.warning("embedding task failed: %r", err)
             raise BadGateway(f"embedding worker failed ({type(err).__name__})") from err

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import emit, environment, log  # also puts the repo on sys.path
+from _common import emit, environment, log, resolve_device  # also puts the repo on sys.path
 from _lightly_recipe import LightlySimMIM, build_lightly_simmim, lightly_vit_kwargs, no_decay_groups
 from torch import nn
 
@@ -210,8 +211,7 @@ def lightly_step(model: LightlySimMIM, opt: torch.optim.Optimizer, images: torch
 
 def run_lightly(cfg: TrainConfig, mask_ratio: float, train: Split, test: Split, k: int) -> dict[str, Any]:
     """Pretrain with lightly's recipe, then score class token and mean pooling."""
-    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
-                          (cfg.run.device if cfg.run.device != "auto" else "cpu"))
+    device = resolve_device(cfg.run.device)
     model = build_lightly(cfg, mask_ratio, device)
     out = train_lightly(cfg, model, device)
     out["scores"] = evaluate(split_features(lambda x: lightly_features(model, x, device), train, test),
@@ -275,7 +275,7 @@ def summarise(runs: list[dict[str, Any]], init: dict[str, Any], k: int) -> dict[
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="All accuracies are on the held-out test split (20 %% of digits, "
+                                epilog="All accuracies are on the held-out test split (20 % of digits, "
                                        "stratified, split_indices(seed=0)).")
     p.add_argument("--data-dir", help="where to write the digits PNGs (default: a temporary dir)")
     p.add_argument("--work-dir", help="where training runs go (default: a temporary dir)")
@@ -302,8 +302,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=("ours", "lightly"), help="train just one method")
     p.add_argument("--k", type=int, default=5, help="neighbours for k-NN")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--out", help="also write the JSON result to this file (rewritten after every run)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs already in --out that were made with the same settings "
+                        "(runs are deterministic: same seed, same numbers)")
     return p.parse_args(argv)
+
+
+# Options that do not change what a run computes: runs saved under other values can be reused.
+NOT_SETTINGS = {"out", "data_dir", "work_dir", "base_lr", "lr_grid", "only", "resume"}
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that decide what every run computes (all but paths, rates and selection)."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+
+
+def previous_runs(args: argparse.Namespace) -> dict[tuple[str, float], dict[str, Any]]:
+    """Runs already in ``--out`` made with the same settings, by (method, base_lr), for --resume."""
+    if not (args.resume and args.out and Path(args.out).is_file()):
+        return {}
+    old = json.loads(Path(args.out).read_text())
+    mine = settings(args)
+    if {k: old["config"].get(k) for k in mine} != mine:
+        log(f"--resume: {args.out} was made with other settings; starting over")
+        return {}
+    return {(r["method"], float(r["base_lr"])): r for r in old.get("runs", [])}
+
+
+def build_result(args: argparse.Namespace, cfg: TrainConfig, grid: list[float], splits: tuple[Split, Split],
+                 init: dict[str, Any], runs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The JSON document; ``summary`` once every run of the grid is in."""
+    train_split, test_split = splits
+    result: dict[str, Any] = {
+        "benchmark": "digits_probe",
+        "environment": environment(resolve_device(cfg.run.device)),
+        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "lr_grid": grid,
+                   "train_images": len(train_split[1]), "test_images": len(test_split[1]),
+                   "steps_per_epoch": steps_per_epoch(len(train_split[1]), args.batch_size, 1, 1),
+                   "ours_config": cfg.model_dump(mode="json"),
+                   "selection": "best base_lr per method by test linear-probe accuracy, then k-NN",
+                   "note": f"losses of the two methods are not comparable: different masks (ours "
+                           f"{args.mask_patch_size} px blocks at {args.mask_ratio}, lightly "
+                           f"{args.patch_size} px tokens at {args.lightly_mask_ratio})"},
+        "random_init": init,
+        "runs": runs,
+    }
+    methods = [m for m in ("ours", "lightly") if args.only in (None, m)]
+    if args.only is None and len(runs) == len(grid) * len(methods):
+        result["summary"] = summarise(runs, init, args.k)
+    result["wall_seconds"] = seconds
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,43 +362,35 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory(prefix="digits_probe_")
     data_dir = Path(args.data_dir or Path(tmp.name) / "digits")
     work_dir = Path(args.work_dir or Path(tmp.name) / "runs")
-    splits = write_digits(data_dir, size=args.image_size, seed=0)
-    train_split = labelled_split(splits["train"], args.image_size)
-    test_split = labelled_split(splits["test"], args.image_size)
-    log(f"digits: {len(train_split[1])} train / {len(test_split[1])} test images at {args.image_size} px")
+    folders = write_digits(data_dir, size=args.image_size, seed=0)
+    splits = (labelled_split(folders["train"], args.image_size), labelled_split(folders["test"], args.image_size))
+    log(f"digits: {len(splits[0][1])} train / {len(splits[1][1])} test images at {args.image_size} px")
     grid = [float(v) for v in args.lr_grid.split(",")] if args.lr_grid else [args.base_lr]
-    base_cfg = make_config(args, splits["train"], work_dir / "init", grid[0])
-    init = random_init_scores(base_cfg, args.lightly_mask_ratio, train_split, test_split, args.k)
+    base_cfg = make_config(args, folders["train"], work_dir / "init", grid[0])
+    init = random_init_scores(base_cfg, args.lightly_mask_ratio, *splits, args.k)
     log(f"random init: {init}")
+    done = previous_runs(args)
     runs: list[dict[str, Any]] = []
     for lr in grid:
         for method in ("ours", "lightly"):
             if args.only and method != args.only:
                 continue
-            cfg = make_config(args, splits["train"], work_dir / f"{method}_lr{lr:g}", lr)
+            if (method, lr) in done:
+                log(f"reusing {method} at base_lr {lr:g} from {args.out}")
+                runs.append(done[(method, lr)])
+                continue
+            cfg = make_config(args, folders["train"], work_dir / f"{method}_lr{lr:g}", lr)
             log(f"training {method} at base_lr {lr:g} for {args.epochs} epochs")
-            run = (run_ours(cfg, train_split, test_split, args.k) if method == "ours"
-                   else run_lightly(cfg, args.lightly_mask_ratio, train_split, test_split, args.k))
+            run = (run_ours(cfg, *splits, args.k) if method == "ours"
+                   else run_lightly(cfg, args.lightly_mask_ratio, *splits, args.k))
             runs.append({"method": method, "base_lr": lr, "scaled_lr": scaled_lr(lr, args.batch_size), **run})
             log(f"  {method} lr {lr:g}: {run['train_seconds']:.0f} s, final loss {run['final_loss']:.4f}, "
                 f"scores {run['scores']}")
-    result: dict[str, Any] = {
-        "benchmark": "digits_probe",
-        "environment": environment(torch.device(base_cfg.run.device if base_cfg.run.device != "auto" else "cpu")),
-        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "lr_grid": grid, "train_images": len(train_split[1]),
-                   "test_images": len(test_split[1]),
-                   "steps_per_epoch": steps_per_epoch(len(train_split[1]), args.batch_size, 1, 1),
-                   "ours_config": base_cfg.model_dump(mode="json"),
-                   "selection": "best base_lr per method by test linear-probe accuracy, then k-NN",
-                   "note": "losses of the two methods are not comparable: different masks (ours 8 px blocks "
-                           "at 0.6, lightly 4 px tokens at 0.75)"},
-        "random_init": init,
-        "runs": runs,
-    }
-    if args.only is None:
-        result["summary"] = summarise(runs, init, args.k)
-    result["wall_seconds"] = time.perf_counter() - t_start
-    emit(result, args.out)
+            if args.out:  # keep finished runs if the sweep is interrupted (see --resume)
+                partial = build_result(args, base_cfg, grid, splits, init, runs, time.perf_counter() - t_start)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(partial, indent=2) + "\n")
+    emit(build_result(args, base_cfg, grid, splits, init, runs, time.perf_counter() - t_start), args.out)
     tmp.cleanup()
 
 

@@ -301,3 +301,17 @@ def update_embedding_run(session: Session, *, run_id: str, **fields: Any) -> Emb
     if fields.get("status") in TERMINAL:
         run.finished_at = _now()
     return run
+
+
+def forget_checkpoints(session: Session, *, job_id: str, attempt: int, keep: set[tuple[str, str]]) -> int:
+    """Delete checkpoint rows (not the encoder) whose (uri, sha256) is not in ``keep`` (fenced).
+
+    Called after the trainer prunes old checkpoints, so listings never offer deleted files.
+    Returns how many rows were removed.
+    """
+    _fenced(session, job_id, attempt)
+    rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == "checkpoint"))
+    stale = [row for row in rows if (row.uri, row.sha256) not in keep]
+    for row in stale:
+        session.delete(row)
+    return len(stale)

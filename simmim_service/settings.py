@@ -26,6 +26,8 @@ class Settings(BaseSettings):
                                description="Directory or fsspec URL (s3://bucket/prefix) for job artifacts")
     artifact_storage_options: dict[str, str] = Field(
         default_factory=dict, description="fsspec options, e.g. {\"endpoint_url\": \"http://minio:9000\"}")
+    dataset_storage_options: dict[str, str] = Field(
+        default_factory=dict, description="fsspec options for s3:// (or other fsspec) dataset locations")
     work_dir: str = Field(default="./.simmim/work", description="Worker-local scratch space")
     allowed_roots: list[str] = Field(
         default_factory=list,

@@ -80,3 +80,15 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def sqlite_or_postgres(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A job-store URL for ``backend`` ("sqlite" file in ``tmp_path`` or a fresh PostgreSQL database).
+
+    For fixtures parametrised over both backends: ``yield from sqlite_or_postgres(request.param, tmp_path)``.
+    """
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        with postgres_database() as url:
+            yield url

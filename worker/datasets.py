@@ -2,29 +2,78 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import httpx
 
 from simmim.errors import DataError
 
 if TYPE_CHECKING:
     from simmim.data import ImageSource
 
-REMOTE_DATASET_SCHEMES = ("http://", "https://", "s3://")
+HTTP_SCHEMES = ("http://", "https://")
 SAMPLE_IMAGES = 16
 """Images decoded up front to catch a dataset of unreadable files before training starts."""
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
-def local_dataset_path(location: str) -> Path:
-    """The local path of a dataset location (``file://`` or plain path).
+def dataset_path(location: str, cache_dir: Path, storage_options: dict[str, Any] | None = None) -> Path:
+    """A local path for a dataset location, fetching remote ones into ``cache_dir`` first.
+
+    Plain paths and ``file://`` are used in place. ``http(s)://`` archives are downloaded
+    (resuming a partial download); other URLs (``s3://…``) go through fsspec with
+    ``storage_options`` (e.g. ``endpoint_url``): an archive is copied, a prefix is mirrored.
+    A finished fetch is reused by later attempts on the same machine.
 
     Raises:
-        DataError: For http(s) archives and s3 locations, which workers do not fetch yet.
+        DataError: The location cannot be fetched, with the reason.
     """
-    if location.startswith(REMOTE_DATASET_SCHEMES):
-        raise DataError(f"{location}: remote datasets (http(s) archives, s3://) are not supported by the "
-                        "workers yet; put the images on a path the workers can read")
-    return Path(location.removeprefix("file://"))
+    if "://" not in location or location.startswith("file://"):
+        return Path(location.removeprefix("file://"))
+    target = cache_dir / "datasets" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    name = location.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+    done = target / ".complete"
+    if done.exists():
+        return target / name
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        if location.startswith(HTTP_SCHEMES):
+            _download_http(location, target / name)
+        else:
+            _fetch_fsspec(location, target / name, storage_options or {})
+    except (OSError, httpx.HTTPError, ValueError) as err:
+        raise DataError(f"could not fetch {location}: {err}") from None
+    done.touch()
+    return target / name
+
+
+def _download_http(url: str, out: Path) -> None:
+    part = out.with_name(out.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with httpx.stream("GET", url, headers=headers, follow_redirects=True,
+                      timeout=httpx.Timeout(30.0, read=300.0)) as response:
+        if response.status_code not in (200, 206):
+            raise ValueError(f"HTTP {response.status_code}")
+        with part.open("ab" if response.status_code == 206 else "wb") as f:
+            for chunk in response.iter_bytes(1 << 20):
+                f.write(chunk)
+    part.replace(out)
+
+
+def _fetch_fsspec(url: str, out: Path, storage_options: dict[str, Any]) -> None:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    except ImportError as err:
+        raise ValueError(f"{err}; install the fsspec driver for this scheme (s3fs for s3://)") from None
+    if url.lower().endswith(ARCHIVE_SUFFIXES):
+        fs.get_file(path, str(out))
+    else:
+        fs.get(path.rstrip("/") + "/", str(out) + "/", recursive=True)
 
 
 def check_sample(source: ImageSource, max_pixels: int, count: int = SAMPLE_IMAGES) -> None:

@@ -21,7 +21,7 @@ from jobstore.states import TERMINAL, JobStatus
 from simmim.errors import DataError
 from simmim_service.artifacts import job_prefix
 from worker.context import WorkerContext
-from worker.datasets import local_dataset_path
+from worker.datasets import dataset_path
 from worker.embedding import BATCH_SIZE, POOLINGS, load_encoder
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def _embed(ctx: WorkerContext, job_id: str, run_id: str, dataset: str, options: 
     pooling = options.get("pooling", "mean")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    source = open_source(local_dataset_path(dataset))
+    settings = ctx.settings
+    source = open_source(dataset_path(dataset, Path(settings.work_dir), settings.dataset_storage_options))
     embedder = load_encoder(ctx, job_id, options.get("checkpoint_id"))
     progress = _ProgressWriter(ctx, run_id, tries)
     result = embedder.embed_source(source, batch_size=int(options.get("batch_size") or BATCH_SIZE),

@@ -21,7 +21,7 @@ from simmim_service.settings import Settings
 from simmim_service.spec import JobCreate, check_training, train_config
 from worker.claim import CRASH_LOOP_ATTEMPTS, claim, is_crash_looping, worker_identity
 from worker.context import WorkerContext, context_for
-from worker.datasets import check_sample, local_dataset_path
+from worker.datasets import check_sample, dataset_path
 from worker.failures import classify
 from worker.lease import JobLease, ProgressWriter
 from worker.outputs import JobOutputs
@@ -106,7 +106,8 @@ class PretrainAttempt:
         spec = JobCreate.model_validate(raw_spec)
         if problems := check_training(spec.training):
             raise ConfigError([f"{p['field']}: {p['message']}" for p in problems])
-        location = local_dataset_path(spec.dataset)
+        settings = self.ctx.settings
+        location = dataset_path(spec.dataset, Path(settings.work_dir), settings.dataset_storage_options)
         source = open_source(location)
         check_sample(source, self.ctx.settings.max_image_pixels)
         cfg = train_config(spec.training, source=str(location), output_dir=str(self.outputs.directory))
@@ -157,6 +158,15 @@ class PretrainAttempt:
         self.outputs.publish_checkpoint(info.path)
         self._record(key, step=info.step, sha256=info.sha256, size=info.size, final=info.final,
                      kind="checkpoint")
+        self._forget_pruned(info.path.parent)
+
+    def _forget_pruned(self, directory: Path) -> None:
+        """Drop store rows of checkpoints the trainer has pruned (keep_last) or re-saved."""
+        from simmim.checkpoint import CheckpointManager
+
+        keep = {(self.outputs.key(c.path), c.sha256) for c in CheckpointManager(directory).list()}
+        with self.ctx.transaction() as session:
+            repo.forget_checkpoints(session, job_id=self.job_id, attempt=self.attempt, keep=keep)
 
     def _is_recorded(self, key: str, sha256: str) -> bool:
         """Whether this exact file (key and content) is already recorded, e.g. by an earlier attempt."""

@@ -26,16 +26,12 @@ from tests.api.conftest import (
 )
 from tests.api.fakes import FakeDispatcher
 from tests.api.store import job_ids, move, report, seed_job, start
-from tests.services import postgres_database
+from tests.services import sqlite_or_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
+    yield from sqlite_or_postgres(request.param, tmp_path)
 
 
 def queued_messages(redis_url: str, queue: str) -> list[dict[str, Any]]:

@@ -5,16 +5,12 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobstore.db import make_engine, migrate, session_factory
-from tests.services import postgres_database
+from tests.services import sqlite_or_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
+    yield from sqlite_or_postgres(request.param, tmp_path)
 
 
 @pytest.fixture

@@ -52,6 +52,15 @@ def test_job_runs_to_success_and_records_everything(worker: Stack, digits: dict[
     assert job.latest_metrics["step"] == 10 and {"loss", "lr", "images_per_sec"} <= set(job.latest_metrics)
 
 
+def test_pruned_checkpoints_leave_the_listing(worker: Stack, digits: dict[str, Path]) -> None:
+    job_id = worker.create_job(digits["train"], max_steps=10, checkpoint_every=2, keep_last=1)
+    assert worker.submit(job_id).get(timeout=120) == "succeeded"
+    records = worker.read(lambda s: repo.list_checkpoints(s, job_id=job_id))
+    ckpts = [c for c in records if c.kind == "checkpoint"]
+    assert [(c.step, c.final) for c in ckpts] == [(8, False), (10, True)]  # keep_last=1 plus the final
+    assert all((worker.artifacts / c.uri).is_file() for c in records)
+
+
 def test_redelivery_of_a_finished_job_does_nothing(worker: Stack, digits: dict[str, Path]) -> None:
     job_id = worker.create_job(digits["train"], max_steps=2, checkpoint_every=2)
     assert worker.submit(job_id).get(timeout=120) == "succeeded"
