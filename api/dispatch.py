@@ -85,7 +85,8 @@ class CeleryDispatcher:
     def embed(self, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         result = self._send(EMBED_TASK, queue=EMBED_QUEUE, kwargs=payload, ignore_result=False)
         try:
-            answer: dict[str, Any] = result.get(timeout=timeout, propagate=True)
+            # interval: how often a database result backend is polled (Redis pushes instead)
+            answer: dict[str, Any] = result.get(timeout=timeout, propagate=True, interval=0.02)
             return answer
         except CeleryTimeoutError as err:
             raise GatewayTimeout(f"no embedding worker answered within {timeout:g} s; "

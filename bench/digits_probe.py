@@ -32,6 +32,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,8 @@ def labelled_split(folder: Path, image_size: int) -> Split:
 
 
 @torch.no_grad()
-def batched(fn: Any, images: torch.Tensor, batch_size: int = 256) -> list[np.ndarray]:
+def batched(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], images: torch.Tensor,
+            batch_size: int = 256) -> list[np.ndarray]:
     """Apply ``fn`` (images -> tuple of (B, D) tensors) in batches; concatenated numpy outputs."""
     parts: list[tuple[torch.Tensor, ...]] = [fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     return [torch.cat([p[j] for p in parts]).float().cpu().numpy() for j in range(len(parts[0]))]
@@ -134,7 +136,8 @@ def evaluate(features: dict[str, dict[str, np.ndarray]], train: Split, test: Spl
     return {pool: scores(f["train"], train[1], f["test"], test[1], k) for pool, f in features.items()}
 
 
-def split_features(extract: Any, train: Split, test: Split) -> dict[str, dict[str, np.ndarray]]:
+def split_features(extract: Callable[[torch.Tensor], dict[str, np.ndarray]], train: Split,
+                   test: Split) -> dict[str, dict[str, np.ndarray]]:
     """Run ``extract(images) -> {pooling: x}`` on both splits; regroup by pooling."""
     tr, te = extract(train[0]), extract(test[0])
     return {pool: {"train": tr[pool], "test": te[pool]} for pool in tr}

@@ -84,7 +84,7 @@ class _Result:
     def __init__(self, error: Exception) -> None:
         self.error, self.forgotten = error, False
 
-    def get(self, timeout: float, propagate: bool) -> Any:
+    def get(self, timeout: float, propagate: bool, interval: float = 0.5) -> Any:
         raise self.error
 
     def forget(self) -> None:
