@@ -132,3 +132,33 @@ def test_embedded_mode_same_scenario(embedded: str, digits: dict[str, Path], tes
     with SimMIMClient(embedded) as client:  # embedded on loopback: no key needed
         run_scenario(client, digits["train"], test_images, tmp_path / "service" / "artifacts", tmp_path)
         assert run_cancel(client, digits["train"]) < 10.0
+    run_cli_commands(embedded, digits["train"], test_images, tmp_path)
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "simmim_service.cli", "--url", url, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def run_cli_commands(url: str, dataset: Path, test_images: list[Path], tmp: Path) -> None:
+    """``simmim-service submit --watch``, ``list``, ``status``, ``download``, ``embed`` and their errors."""
+    spec = tmp / "job.yaml"
+    spec.write_text(json.dumps({"dataset": str(dataset), "training": {**TINY_TRAINING, "max_steps": 4}}))
+    done = cli(url, "submit", str(spec), "--watch", "--set", "name=from-cli")
+    assert done.returncode == 0, done.stderr
+    job_id = json.loads(done.stdout.splitlines()[0])["id"]
+    assert "succeeded" in done.stderr  # the progress bar's description
+    assert json.loads(cli(url, "status", job_id).stdout)["status"] == "succeeded"
+    listing = cli(url, "list", "--status", "succeeded").stdout
+    assert job_id in listing and "from-cli" in listing
+    got = cli(url, "download", job_id, "encoder", "--out", str(tmp))
+    assert got.returncode == 0, got.stderr
+    assert sha256_file(Path(json.loads(got.stdout)["file"])) == json.loads(got.stdout)["sha256"]
+    emb = cli(url, "embed", job_id, *map(str, test_images[:2]), "--out", str(tmp / "cli.npy"))
+    assert emb.returncode == 0 and np.load(tmp / "cli.npy").shape == (2, 48), emb.stderr
+    bad = cli(url, "submit", str(spec), "--set", "training.image_size=33")
+    assert bad.returncode == 2 and "training.mask_patch_size" in bad.stderr and "Traceback" not in bad.stderr
+    missing = cli(url, "status", "job_doesnotexist")
+    assert missing.returncode == 2 and "404" in missing.stderr
+    down = cli("http://127.0.0.1:9", "list")
+    assert down.returncode == 2 and "cannot reach the service" in down.stderr
