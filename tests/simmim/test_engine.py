@@ -96,3 +96,10 @@ def test_non_finite_loss_stops_with_clear_error(digits: dict[str, Path], tmp_pat
 def test_too_few_images_for_one_step(digits: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"lower optim\.batch_size"):
         train(tiny_config(digits["train"], tmp_path / "run", optim={"batch_size": 4096}))
+
+
+def test_compiled_model_gives_the_eager_losses(digits: dict[str, Path], tmp_path: Path) -> None:
+    eager, _ = _losses(tiny_config(digits["train"], tmp_path / "eager", optim={"max_steps": 3}))
+    compiled, _ = _losses(tiny_config(digits["train"], tmp_path / "compiled", optim={"max_steps": 3},
+                                      run={"compile": True}))
+    assert torch.allclose(torch.tensor(eager), torch.tensor(compiled), atol=1e-4), (eager, compiled)
