@@ -11,7 +11,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -98,16 +97,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    from simmim.checkpoint import CheckpointManager
-    from simmim.export import encoder_from_checkpoint, export_encoder
+    from simmim.export import encoder_from_checkpoint, export_encoder, find_checkpoint
 
-    path = Path(args.checkpoint)
-    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    manager = CheckpointManager(directory if directory.is_dir() else directory.parent)
-    info = (manager.latest_valid() if directory.is_dir()
-            else next((c for c in manager.list() if c.path == directory), None))
-    if info is None:
-        raise SimMIMError(f"{args.checkpoint}: no valid checkpoint found")
+    manager, info = find_checkpoint(args.checkpoint)
     model, cfg = encoder_from_checkpoint(manager.load(info))
     out = export_encoder(model, cfg, args.out)
     return {"encoder_dir": str(out), "from_checkpoint": str(info.path), "step": info.step}

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from simmim.checkpoint import CheckpointManager
 from simmim.data import EvalTransform, ImageListDataset, ImageSource
-from simmim.errors import CheckpointError, ConfigError
-from simmim.export import encoder_from_checkpoint, export_config, load_exported
+from simmim.errors import ConfigError
+from simmim.export import encoder_from_checkpoint, export_config, find_checkpoint, load_exported
 from simmim.runtime import resolve_amp, resolve_device
 
 Pooling = Literal["mean", "cls"]
@@ -55,17 +54,8 @@ class Embedder:
             return cls(model, config, **kwargs)
         if (p / "encoder").is_dir():
             return cls.load(p / "encoder", **kwargs)
-        if p.is_dir() and (p / "checkpoints").is_dir():
-            p = p / "checkpoints"
-        info = None
-        if p.is_dir():
-            info = CheckpointManager(p).latest_valid()
-        else:
-            info = next((c for c in CheckpointManager(p.parent).list() if c.path == p), None)
-        if info is None:
-            raise CheckpointError(f"{path}: no exported encoder or valid checkpoint found")
-        state = CheckpointManager(info.path.parent).load(info)
-        simmim, cfg = encoder_from_checkpoint(state)
+        manager, info = find_checkpoint(p)
+        simmim, cfg = encoder_from_checkpoint(manager.load(info))
         return cls(simmim.encoder.model, export_config(cfg, weights_sha256=""), **kwargs)
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from simmim.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from simmim.checkpoint import CheckpointInfo, CheckpointManager
 from simmim.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig
 from simmim.errors import CheckpointError
 from simmim.model import SimMIM, encoder_kwargs
@@ -65,6 +66,19 @@ def load_exported(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = timm.create_model(config["timm_name"], pretrained=False, **config["timm_kwargs"])
     model.load_state_dict(load_file(str(d / WEIGHTS)))
     return model.eval(), config
+
+
+def find_checkpoint(path: str | Path) -> tuple[CheckpointManager, CheckpointInfo]:
+    """The checkpoint named by ``path``: a checkpoint file, a checkpoints directory or a run
+    directory (then the newest valid checkpoint); raises CheckpointError when there is none."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    manager = CheckpointManager(p if p.is_dir() else p.parent)
+    info = manager.latest_valid() if p.is_dir() else next((c for c in manager.list() if c.path == p), None)
+    if info is None:
+        raise CheckpointError(f"{path}: no valid checkpoint found")
+    return manager, info
 
 
 def encoder_from_checkpoint(state: dict[str, Any]) -> tuple[SimMIM, TrainConfig]:
