@@ -6,7 +6,8 @@ The worker side implements exactly these names:
 task                       arguments                            queue     result
 =========================  ===================================  ========  =========================
 ``simmim.pretrain``        args ``[job_id]``                    ``train``  ignored (progress goes
-                                                                           to the job store)
+                                                                 or        to the job store)
+                                                                 ``train.gpusN`` for N-GPU jobs
 ``simmim.embed_dataset``   args ``[job_id, run_id]``            ``embed``  ignored (job store)
 ``simmim.embed``           kwargs ``{job_id, checkpoint_id,     ``embed``  ``{embeddings, dim,
                            images_b64, pooling, layer,                     checkpoint_id, model}``
@@ -27,18 +28,24 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import KombuError
 
 from api.errors import BadGateway, GatewayTimeout, ServiceUnavailable, Unprocessable
+from simmim_service.queues import (
+    EMBED_DATASET_TASK,
+    EMBED_QUEUE,
+    EMBED_TASK,
+    PRETRAIN_TASK,
+    train_queue,
+)
 from simmim_service.settings import Settings
 
-PRETRAIN_TASK, EMBED_DATASET_TASK, EMBED_TASK = "simmim.pretrain", "simmim.embed_dataset", "simmim.embed"
-TRAIN_QUEUE, EMBED_QUEUE = "train", "embed"
 log = logging.getLogger("api.dispatch")
 
 
 class Dispatcher(Protocol):
     """What the API needs from the task queue. Methods raise ``api.errors`` problems."""
 
-    def enqueue_pretrain(self, job_id: str) -> None:
-        """Queue the training of a committed job; ``ServiceUnavailable`` when the broker is down."""
+    def enqueue_pretrain(self, job_id: str, gpus: int = 1) -> None:
+        """Queue the training of a committed job on the queue for its GPU count;
+        ``ServiceUnavailable`` when the broker is down."""
 
     def enqueue_embedding_run(self, job_id: str, run_id: str) -> None:
         """Queue a committed embedding run; ``ServiceUnavailable`` when the broker is down."""
@@ -76,8 +83,8 @@ class CeleryDispatcher:
             raise ServiceUnavailable(f"the task broker is unreachable ({type(err).__name__}); "
                                      "try again shortly", headers={"Retry-After": "5"}) from err
 
-    def enqueue_pretrain(self, job_id: str) -> None:
-        self._send(PRETRAIN_TASK, queue=TRAIN_QUEUE, args=[job_id])
+    def enqueue_pretrain(self, job_id: str, gpus: int = 1) -> None:
+        self._send(PRETRAIN_TASK, queue=train_queue(gpus), args=[job_id])
 
     def enqueue_embedding_run(self, job_id: str, run_id: str) -> None:
         self._send(EMBED_DATASET_TASK, queue=EMBED_QUEUE, args=[job_id, run_id])

@@ -173,9 +173,25 @@ class _Trainer:
                     self._report(meter, epoch, loss_value)
                 if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.total:
                     last_ckpt = self._checkpoint(final=False)
-                if self.should_stop is not None and self.should_stop():
+                if self._stop_requested():
                     return loss_value, True, last_ckpt
         return loss_value, False, last_ckpt
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop now; under DDP, True on every rank as soon as any rank asks.
+
+        Ranks may see a stop signal (a shared event, SIGTERM) at different steps; stopping
+        on one rank only would leave the others waiting in the next all-reduce forever.
+        ``should_stop`` must be given on every rank or on none.
+        """
+        if self.should_stop is None:
+            return False
+        local = bool(self.should_stop())
+        if not self.rt.distributed:
+            return local
+        flag = torch.tensor(float(local), device=self.rt.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     def _optimizer_step(self, micro: list[dict[str, Any]]) -> float:
         lr = get_lr(self.step, total=self.total, warmup=self.warmup, **self.lrs)

@@ -14,6 +14,9 @@ class ConfigError(SimMIMError, ValueError):
         self.problems = list(problems)
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
+    def __reduce__(self) -> tuple[type, tuple[list[str]]]:  # picklable across training processes
+        return type(self), (self.problems,)
+
 
 class DataError(SimMIMError):
     """The dataset cannot be used (missing, empty, unreadable, unsupported format)."""
@@ -27,6 +30,9 @@ class ImageDecodeError(DataError):
         self.reason = reason
         super().__init__(f"{name}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.name, self.reason)
+
 
 class NonFiniteLossError(SimMIMError):
     """Training produced a NaN/inf loss; the run stops instead of corrupting the weights."""
@@ -38,6 +44,9 @@ class NonFiniteLossError(SimMIMError):
             f"loss became {loss} at step {step}; training stopped. Lower optim.base_lr, "
             "keep optim.grad_clip set, or use precision=fp32, then resume from the last checkpoint."
         )
+
+    def __reduce__(self) -> tuple[type, tuple[int, float]]:
+        return type(self), (self.step, self.loss)
 
 
 class CheckpointError(SimMIMError):

@@ -34,11 +34,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from simmim_service.settings import Settings
-    from worker.cli import worker_main
+    from worker.cli import visible_gpus, worker_main
 
-    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
+    gpus: list[int] | None = None
+    if args.gpus == "all":
+        try:
+            gpus = visible_gpus()
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    elif args.gpus:
+        try:
+            gpus = [int(g) for g in args.gpus.split(",")]
+        except ValueError:
+            print(f"error: --gpus takes 'all' or GPU indices like 0,1, got {args.gpus!r}", file=sys.stderr)
+            return 2
+    if args.gpus_per_worker < 1:
+        print("error: --gpus-per-worker must be at least 1", file=sys.stderr)
+        return 2
     return worker_main(queues=args.queues.split(","), gpus=gpus, concurrency=args.concurrency,
-                       loglevel=args.loglevel, settings=Settings())
+                       loglevel=args.loglevel, settings=Settings(), gpus_per_worker=args.gpus_per_worker)
 
 
 def load_spec(path: str, overrides: list[str]) -> dict[str, Any]:
@@ -168,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run Celery workers (one process per GPU with --gpus)")
     p.add_argument("--queues", default="train,embed")
-    p.add_argument("--gpus", default=None, help="e.g. 0,1: one pinned training process per GPU")
+    p.add_argument("--gpus", default=None,
+                   help="'all' or e.g. 0,1: one pinned training process per GPU (per group, see below)")
+    p.add_argument("--gpus-per-worker", type=int, default=1, metavar="K",
+                   help="GPUs per training process; it takes jobs with training.gpus up to K (DDP). "
+                        "Without --gpus: CPU processes per job on a CPU-only worker")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=cmd_worker)

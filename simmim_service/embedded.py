@@ -35,6 +35,8 @@ def embedded_settings(base: Settings, data_dir: Path) -> Settings:
         "artifact_root": str(d / "artifacts"),
         "work_dir": str(d / "work"),
         "auth_required": bool(base.api_keys),
+        # One local training worker owns worker_gpus devices: larger jobs could never run here.
+        "max_job_gpus": base.worker_gpus,
     })
 
 
@@ -80,8 +82,9 @@ def serve(*, embedded: bool, host: str, port: int, data_dir: Path) -> int:
     engine.dispose()
     supervisor = thread = None
     if embedded:
-        supervisor = Supervisor(worker_commands(["train"], None, 1, "warning", settings)
-                                + worker_commands(["embed"], None, 1, "warning", settings))
+        supervisor = Supervisor(
+            worker_commands(["train"], None, 1, "warning", settings, gpus_per_worker=settings.worker_gpus)
+            + worker_commands(["embed"], None, 1, "warning", settings))
         thread = threading.Thread(target=supervisor.run, kwargs={"handle_signals": False},
                                   name="worker-supervisor", daemon=True)
         thread.start()

@@ -7,6 +7,7 @@ and hand it down (tests construct their own).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,9 +25,9 @@ class Settings(BaseSettings):
                                 description="Celery result backend (used for synchronous embedding requests)")
     artifact_root: str = Field(default="./.simmim/artifacts",
                                description="Directory or fsspec URL (s3://bucket/prefix) for job artifacts")
-    artifact_storage_options: dict[str, str] = Field(
+    artifact_storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options, e.g. {\"endpoint_url\": \"http://minio:9000\"}")
-    dataset_storage_options: dict[str, str] = Field(
+    dataset_storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for s3:// (or other fsspec) dataset locations")
     work_dir: str = Field(default="./.simmim/work", description="Worker-local scratch space")
     allowed_roots: list[str] = Field(
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
     embed_timeout_s: float = Field(default=120.0, gt=0)
     progress_interval_s: float = Field(default=2.0, ge=0, description="Throttle for progress writes")
     lease_seconds: float = Field(default=120.0, gt=0, description="A worker silent this long is lost")
+    worker_gpus: int = Field(
+        default=1, ge=1, le=64,
+        description="Devices one training worker process owns (its GPUs, or CPU processes on a CPU-only "
+                    "worker); it takes jobs with training.gpus up to this. Set by `simmim-service worker`")
+    max_job_gpus: int = Field(default=8, ge=1, le=64, description="Largest training.gpus the API accepts")
     embed_cache_size: int = Field(default=4, ge=1, description="Encoders kept loaded per embed worker")
 
     @property

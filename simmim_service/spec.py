@@ -32,12 +32,17 @@ class TrainingSpec(BaseModel):
     mask_ratio: float = Field(default=0.6, gt=0.0, lt=1.0)
     epochs: int | None = Field(default=100, ge=1, le=100000)
     max_steps: int | None = Field(default=None, ge=1, description="Overrides epochs")
-    batch_size: int = Field(default=128, ge=1, le=65536, description="Per GPU")
+    batch_size: int = Field(default=128, ge=1, le=65536,
+                            description="Per GPU (per process); the total batch is batch_size x accumulation_steps x gpus")
     accumulation_steps: int = Field(default=1, ge=1, le=1024)
     base_lr: float = Field(default=1e-4, gt=0.0, le=1.0, description="Per total batch of 512")
     weight_decay: float = Field(default=0.05, ge=0.0, le=10.0)
     warmup_epochs: float = Field(default=10.0, ge=0.0)
     warmup_steps: int | None = Field(default=None, ge=0)
+    gpus: int = Field(default=1, ge=1, le=64,
+                      description="Data-parallel processes (DDP) on one worker: GPUs on a GPU worker (NCCL), "
+                                  "CPU processes on a CPU-only worker (gloo). The job waits for a worker "
+                                  "that owns this many")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
@@ -138,6 +143,15 @@ def check_dataset(location: str, settings: Settings) -> list[Problem]:
     return []
 
 
+def check_gpus(training: TrainingSpec, settings: Settings) -> list[Problem]:
+    """A job may ask for at most ``max_job_gpus`` devices (no worker would ever take more)."""
+    if training.gpus > settings.max_job_gpus:
+        return [{"field": "training.gpus",
+                 "message": f"this deployment runs jobs on at most {settings.max_job_gpus} GPU(s) "
+                            f"(SIMMIM_MAX_JOB_GPUS), got {training.gpus}"}]
+    return []
+
+
 def check_job(job: JobCreate, settings: Settings) -> list[Problem]:
     """Every problem with a job spec; empty when it may be queued."""
-    return check_dataset(job.dataset, settings) + check_training(job.training)
+    return check_dataset(job.dataset, settings) + check_training(job.training) + check_gpus(job.training, settings)

@@ -13,14 +13,19 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from simmim_service.queues import (
+    EMBED_DATASET_TASK,
+    EMBED_QUEUE,
+    EMBED_TASK,
+    PRETRAIN_TASK,
+    TRAIN_QUEUE,
+    train_queue,
+    train_queues,
+)
 from simmim_service.settings import Settings
 
-PRETRAIN_TASK = "simmim.pretrain"
-EMBED_TASK = "simmim.embed"
-EMBED_DATASET_TASK = "simmim.embed_dataset"
-
-TRAIN_QUEUE = "train"
-EMBED_QUEUE = "embed"
+__all__ = ["EMBED_DATASET_TASK", "EMBED_QUEUE", "EMBED_TASK", "PRETRAIN_TASK", "TRAIN_QUEUE",
+           "SimMIMCelery", "celery_config", "make_celery", "train_queue", "train_queues"]
 
 ROUTES = {
     PRETRAIN_TASK: {"queue": TRAIN_QUEUE},
@@ -66,8 +71,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         # Each queue has its own direct exchange and routing key (the queue's name), the
         # same binding Celery creates for a bare ``send_task(..., queue=name)``.
+        # Training queues exist for every job size this deployment accepts (``train``,
+        # ``train.gpus2``, ...); a worker consumes only those its devices can serve.
         "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q)
-                        for q in (TRAIN_QUEUE, EMBED_QUEUE)],
+                        for q in [*train_queues(max(settings.max_job_gpus, settings.worker_gpus)), EMBED_QUEUE]],
         "task_default_queue": EMBED_QUEUE,
         "task_routes": ROUTES,
         "task_create_missing_queues": False,

@@ -1,7 +1,9 @@
 """``simmim-service worker``: start and supervise Celery worker processes.
 
 With ``gpus`` there is one worker process per GPU (``CUDA_VISIBLE_DEVICES=<gpu>``,
-concurrency 1, node ``<queues>-gpu<N>@<host>``), so one training job owns one GPU. The
+concurrency 1, node ``<queues>-gpu<N>@<host>``), so one training job owns one GPU; with
+``gpus_per_worker=K`` one process per K GPUs (node ``<queues>-gpu0-1@<host>``), which also
+takes multi-GPU jobs of up to K GPUs. The
 supervisor restarts a process that crashes (exponential backoff), forwards SIGTERM/SIGINT
 to all of them (Celery's warm shutdown, during which training jobs checkpoint and are
 re-queued) and exits when all have exited.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from simmim_service.settings import Settings
-from worker.celery_app import TRAIN_QUEUE
+from worker.celery_app import TRAIN_QUEUE, train_queues
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,23 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def worker_commands(queues: Sequence[str], gpus: Sequence[int] | None, concurrency: int | None,
-                    loglevel: str, settings: Settings) -> list[WorkerProcess]:
-    """The Celery worker processes to run for these options."""
-    base_env = {**os.environ, **settings_env(settings)}
+                    loglevel: str, settings: Settings, *, gpus_per_worker: int = 1) -> list[WorkerProcess]:
+    """The Celery worker processes to run for these options.
+
+    With ``gpus``, the GPUs are split into groups of ``gpus_per_worker`` and each group gets
+    one worker process (``CUDA_VISIBLE_DEVICES`` = the group, ``SIMMIM_WORKER_GPUS`` = its
+    size) consuming the training queues for jobs of 1..size GPUs. Without ``gpus`` a training
+    worker owns ``gpus_per_worker`` devices of whatever it runs on (CPU processes on a
+    CPU-only machine).
+    """
+    if gpus_per_worker < 1:
+        raise ValueError(f"gpus_per_worker must be at least 1, got {gpus_per_worker}")
     label = "-".join(queues)
     train_only = list(queues) == [TRAIN_QUEUE]
 
-    def argv(node: str, processes: int | None) -> list[str]:
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", ",".join(queues),
+    def argv(node: str, processes: int | None, devices: int) -> list[str]:
+        consumed = [q for name in queues for q in (train_queues(devices) if name == TRAIN_QUEUE else [name])]
+        cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", ",".join(consumed),
                "--pool", "prefork", "-n", node, "--loglevel", loglevel]
         if processes is not None:
             cmd += ["--concurrency", str(processes)]
@@ -66,11 +77,42 @@ def worker_commands(queues: Sequence[str], gpus: Sequence[int] | None, concurren
             cmd += ["--max-tasks-per-child", "1"]
         return cmd
 
+    def env(devices: int, group: Sequence[int] | None = None) -> dict[str, str]:
+        own = settings.model_copy(update={"worker_gpus": devices})
+        extra = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, group))} if group is not None else {}
+        return {**os.environ, **settings_env(own), **extra}
+
     if gpus:
-        return [WorkerProcess(f"{label}-gpu{gpu}", argv(f"{label}-gpu{gpu}@%h", 1),
-                              {**base_env, "CUDA_VISIBLE_DEVICES": str(gpu)}) for gpu in gpus]
+        groups = [list(gpus[i:i + gpus_per_worker]) for i in range(0, len(gpus), gpus_per_worker)]
+        workers = []
+        for group in groups:
+            name = f"{label}-gpu{'-'.join(map(str, group))}"
+            workers.append(WorkerProcess(name, argv(f"{name}@%h", 1, len(group)), env(len(group), group)))
+        return workers
+    devices = gpus_per_worker if TRAIN_QUEUE in queues else 1
     processes = concurrency if concurrency is not None else (1 if TRAIN_QUEUE in queues else None)
-    return [WorkerProcess(label, argv(f"{label}@%h", processes), base_env)]
+    return [WorkerProcess(label, argv(f"{label}@%h", processes, devices), env(devices))]
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the GPUs this process may use, without importing torch (or touching CUDA).
+
+    ``CUDA_VISIBLE_DEVICES`` when it lists indices, else what ``nvidia-smi -L`` reports.
+
+    Raises:
+        RuntimeError: No GPU can be listed.
+    """
+    declared = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if declared and all(part.strip().isdigit() for part in declared.split(",")):
+        return list(range(len(declared.split(","))))
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"cannot list GPUs with nvidia-smi ({err}); pass --gpus 0,1,... explicitly") from None
+    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    if count == 0:
+        raise RuntimeError("nvidia-smi lists no GPU; run without --gpus for a CPU worker")
+    return list(range(count))
 
 
 class Supervisor:
@@ -152,6 +194,7 @@ class Supervisor:
 
 
 def worker_main(queues: list[str], gpus: list[int] | None, concurrency: int | None, loglevel: str,
-                settings: Settings) -> int:
+                settings: Settings, gpus_per_worker: int = 1) -> int:
     """Start the worker processes for ``queues`` and supervise them; returns the exit code."""
-    return Supervisor(worker_commands(queues, gpus, concurrency, loglevel, settings)).run()
+    commands = worker_commands(queues, gpus, concurrency, loglevel, settings, gpus_per_worker=gpus_per_worker)
+    return Supervisor(commands).run()

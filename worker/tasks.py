@@ -2,7 +2,7 @@
 
 Task contract (JSON arguments only; ids, never objects):
 
-* ``simmim.pretrain(job_id)`` on queue ``train``: runs or resumes the job; status,
+* ``simmim.pretrain(job_id)`` on queue ``train`` (``train.gpusN`` for N-GPU jobs): runs or resumes the job; status,
   progress, metrics, checkpoints and events go to the job store, not the result backend.
   Returns only the outcome word (``succeeded``, ``skipped``, ``requeued``, ...).
 * ``simmim.embed(job_id, checkpoint_id, images_b64, pooling, layer, normalize)`` on queue
@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_shutting_down
 
 from worker import shutdown
-from worker.celery_app import EMBED_DATASET_TASK, EMBED_TASK, PRETRAIN_TASK, TRAIN_QUEUE
+from worker.celery_app import EMBED_DATASET_TASK, EMBED_TASK, PRETRAIN_TASK, train_queue
 from worker.context import context_for
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ def register_tasks(app: SimMIMCelery) -> None:
     """Register the three tasks on ``app``; they run with ``app.settings``."""
     settings = app.settings
 
-    def requeue(job_id: str) -> None:
-        app.send_task(PRETRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+    def requeue(job_id: str, gpus: int = 1) -> None:
+        app.send_task(PRETRAIN_TASK, args=[job_id], queue=train_queue(gpus))
 
     @app.task(name=PRETRAIN_TASK, bind=True, acks_late=True,
               reject_on_worker_lost=True)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 def run_pretrain(job_id: str, settings: Settings, worker_name: str, *,
-                 requeue: Callable[[str], None] | None = None,
+                 requeue: Callable[[str, int], None] | None = None,
                  shutdown: Callable[[], bool] = shutdown_requested) -> str:
     """Run (or resume) the pretraining job ``job_id`` to an outcome.
 
@@ -43,7 +43,7 @@ def run_pretrain(job_id: str, settings: Settings, worker_name: str, *,
         job_id: The job to run; its spec is read from the job store.
         settings: Service settings (store URLs, lease length, progress throttle).
         worker_name: The Celery node name, e.g. ``train-gpu0@host``.
-        requeue: Sends the job back to the train queue (used when the worker shuts down).
+        requeue: Sends the job (id, GPU count) back to its train queue (used when the worker shuts down).
         shutdown: Whether this process is shutting down (checked after every step).
 
     Returns:
@@ -67,9 +67,10 @@ class PretrainAttempt:
     """One attempt at one job, from ``validating`` to a final status."""
 
     def __init__(self, ctx: WorkerContext, job_id: str, attempt: int, me: str,
-                 requeue: Callable[[str], None] | None, shutdown: Callable[[], bool]) -> None:
+                 requeue: Callable[[str, int], None] | None, shutdown: Callable[[], bool]) -> None:
         self.ctx, self.job_id, self.attempt, self.me = ctx, job_id, attempt, me
         self.requeue, self.shutdown = requeue, shutdown
+        self.gpus = 1  # data-parallel processes; read from the spec when it is validated
         self.outputs = JobOutputs(ctx.store, job_id, ctx.settings.work_dir)
 
     def execute(self) -> str:
@@ -104,6 +105,11 @@ class PretrainAttempt:
         with self.ctx.sessions() as session:
             raw_spec = repo.get_job(session, job_id=self.job_id).spec
         spec = JobCreate.model_validate(raw_spec)
+        self.gpus = spec.training.gpus
+        owned = self.ctx.settings.worker_gpus  # SIMMIM_WORKER_GPUS, set by `simmim-service worker`
+        if self.gpus > owned:  # only a hand-started worker consuming the wrong queue gets here
+            raise ConfigError([f"training.gpus: the job needs {self.gpus} GPU(s) but this worker owns "
+                               f"{owned}; it consumed a queue meant for larger workers"])
         if problems := check_training(spec.training):
             raise ConfigError([f"{p['field']}: {p['message']}" for p in problems])
         settings = self.ctx.settings
@@ -111,10 +117,10 @@ class PretrainAttempt:
         source = open_source(location)
         check_sample(source, self.ctx.settings.max_image_pixels)
         cfg = train_config(spec.training, source=str(location), output_dir=str(self.outputs.directory))
-        need = cfg.optim.batch_size * cfg.optim.accumulation_steps
+        need = cfg.optim.batch_size * cfg.optim.accumulation_steps * self.gpus
         if len(source) < need:
             raise DataError(f"{spec.dataset} has {len(source)} images but one optimiser step needs {need} "
-                            "(batch_size x accumulation_steps); add images or lower training.batch_size")
+                            "(batch_size x accumulation_steps x gpus); add images or lower training.batch_size")
         self._restore_remote_checkpoint()
         # Report every step: the worker throttles what reaches the store by time instead.
         return cfg.model_copy(update={"run": cfg.run.model_copy(update={"log_every": 1})})
@@ -147,8 +153,17 @@ class PretrainAttempt:
         existing = CheckpointManager(self.outputs.directory / "checkpoints").list()
         if existing:
             self._log(f"resuming from the checkpoint at step {existing[-1].step}", step=existing[-1].step)
-        return train(cfg, on_progress=writer, should_stop=lease.should_stop,
-                     on_checkpoint=self._record_checkpoint, resume=True)
+        if self.gpus == 1:
+            return train(cfg, on_progress=writer, should_stop=lease.should_stop,
+                         on_checkpoint=self._record_checkpoint, resume=True)
+        from simmim.launch import train_processes
+
+        def started(pids: list[int]) -> None:
+            self._log(f"training with {self.gpus} data-parallel processes", pids=pids, gpus=self.gpus)
+
+        return train_processes(cfg, self.gpus, on_progress=writer, should_stop=lease.should_stop,
+                               on_checkpoint=self._record_checkpoint, resume=True, on_start=started,
+                               stop_grace_s=self.ctx.settings.lease_seconds)
 
     def _record_checkpoint(self, info: CheckpointInfo) -> None:
         """Upload (remote stores) and record a checkpoint the engine just saved."""
@@ -221,7 +236,7 @@ class PretrainAttempt:
         except InvalidTransitionError:  # a cancel arrived after the last check
             return self._set(JobStatus.CANCELLED, "cancelled")
         if self.requeue is not None:
-            self.requeue(self.job_id)
+            self.requeue(self.job_id, self.gpus)
         return "requeued"
 
     def _fail(self, exc: Exception) -> str:

@@ -75,7 +75,7 @@ def create_job(*, session: Session, dispatcher: Dispatcher, settings: Settings, 
         session.rollback()
         job, created = _insert(session, tenant=tenant, body=body, idempotency_key=idempotency_key)
     if created or (job.status == JobStatus.QUEUED and job.attempt == 0):
-        _enqueue(dispatcher, job.id)
+        _enqueue(dispatcher, job.id, body.training.gpus)
     return job, created
 
 
@@ -88,9 +88,9 @@ def _insert(session: Session, *, tenant: str, body: JobCreate, idempotency_key: 
     return job, created
 
 
-def _enqueue(dispatcher: Dispatcher, job_id: str) -> None:
+def _enqueue(dispatcher: Dispatcher, job_id: str, gpus: int) -> None:
     try:
-        dispatcher.enqueue_pretrain(job_id)
+        dispatcher.enqueue_pretrain(job_id, gpus)
     except ServiceUnavailable as err:
         raise ServiceUnavailable(
             f"job {job_id} was saved but could not be queued: {err.detail}. It stays queued; repeat the "

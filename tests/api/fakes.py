@@ -22,6 +22,7 @@ class FakeDispatcher:
 
     def __init__(self) -> None:
         self.pretrain: list[str] = []
+        self.pretrain_gpus: dict[str, int] = {}
         self.embedding_runs: list[tuple[str, str]] = []
         self.embed_calls: list[tuple[dict[str, Any], float]] = []
         self.broker_down = False
@@ -31,9 +32,10 @@ class FakeDispatcher:
         if self.broker_down:
             raise ServiceUnavailable("the task broker is unreachable (fake)")
 
-    def enqueue_pretrain(self, job_id: str) -> None:
+    def enqueue_pretrain(self, job_id: str, gpus: int = 1) -> None:
         self._check_broker()
         self.pretrain.append(job_id)
+        self.pretrain_gpus[job_id] = gpus
 
     def enqueue_embedding_run(self, job_id: str, run_id: str) -> None:
         self._check_broker()

@@ -57,6 +57,25 @@ def test_create_commits_then_really_enqueues_on_the_train_queue(tmp_path: Path, 
     assert args == [job["id"]] and kwargs == {}
 
 
+def test_multi_gpu_jobs_go_to_the_queue_of_their_size_and_oversized_ones_are_refused(
+        tmp_path: Path, redis_url: str) -> None:
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", broker_url=redis_url,
+                             result_backend=redis_url, max_job_gpus=4)
+    with live_api(settings) as live:
+        body = job_body(settings)
+        r = live.client(ALICE).post("/v1/jobs", json={**body, "training": {**body["training"], "gpus": 2}})
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert job["training"]["gpus"] == 2
+        too_big = live.client(ALICE).post("/v1/jobs", json={**body, "training": {**body["training"], "gpus": 5}})
+        assert_problem(too_big, 422)
+        assert "SIMMIM_MAX_JOB_GPUS" in too_big.text and "training.gpus" in too_big.text
+    (message,) = [m for m in queued_messages(redis_url, "train.gpus2")
+                  if job["id"] in base64.b64decode(m["body"]).decode()]
+    assert message["headers"]["task"] == "simmim.pretrain"
+    assert not [m for m in queued_messages(redis_url, "train") if job["id"] in base64.b64decode(m["body"]).decode()]
+
+
 def test_broker_down_answers_503_and_leaves_the_job_queued(tmp_path: Path, store_url: str) -> None:
     settings = make_settings(tmp_path, store_url)  # broker_url points at a closed port
     with live_api(settings) as live:

@@ -21,7 +21,7 @@ from jobstore.db import make_engine, migrate, session_factory
 from jobstore.models import Job
 from simmim_service.settings import Settings
 from simmim_service.spec import JobCreate, TrainingSpec
-from worker.celery_app import PRETRAIN_TASK, TRAIN_QUEUE, SimMIMCelery, make_celery
+from worker.celery_app import PRETRAIN_TASK, SimMIMCelery, make_celery, train_queue
 from worker.cli import settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,8 +58,8 @@ class Stack:
             job, _ = repo.create_job(s, tenant="t", spec=spec.model_dump(mode="json"))
             return job.id
 
-    def submit(self, job_id: str) -> Any:
-        return self.app.send_task(PRETRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+    def submit(self, job_id: str, gpus: int = 1) -> Any:
+        return self.app.send_task(PRETRAIN_TASK, args=[job_id], queue=train_queue(gpus))
 
     def job(self, job_id: str) -> Job:
         with self.sessions() as s:
