@@ -51,6 +51,23 @@ class Settings(BaseSettings):
                     "worker); it takes jobs with training.gpus up to this. Set by `simmim-service worker`")
     max_job_gpus: int = Field(default=8, ge=1, le=64, description="Largest training.gpus the API accepts")
     embed_cache_size: int = Field(default=4, ge=1, description="Encoders kept loaded per embed worker")
+    reaper_interval_s: float = Field(
+        default=15.0, gt=0, description="How often the API looks for jobs whose worker stopped heart-beating")
+    redispatch_after_s: float = Field(
+        default=600.0, gt=0,
+        description="Re-send the task of a job still queued/recovering after this long (a lost broker message)")
+    max_lost_attempts: int = Field(
+        default=5, ge=1, description="Attempts that may lose their worker before the job fails (worker_lost)")
+    cancel_grace_s: float = Field(
+        default=60.0, gt=0, description="After a cancel, how long training may take to stop before its "
+                                        "process is terminated")
+    max_archive_member_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="Largest file read from a dataset archive (zip bombs)")
+    rate_limit_per_minute: int = Field(
+        default=600, ge=0, description="Requests per minute per API key (tenant); 0 turns rate limiting off")
+    rate_limit_burst: int = Field(default=60, ge=1, description="Requests a key may send at once above the rate")
+    max_active_jobs_per_tenant: int = Field(
+        default=20, ge=1, description="Jobs a tenant may have queued or running at once")
 
     @property
     def is_local_artifacts(self) -> bool:
