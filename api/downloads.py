@@ -1,6 +1,7 @@
 """Streamed artifact downloads with ETag, ``If-None-Match`` (304), ``Range`` (206/416) and ``If-Range``.
 
-Files are read from the artifact store in 1 MiB chunks in a worker thread, never whole.
+Files are read from the artifact store (a local directory or a bucket) in 1 MiB chunks in a
+worker thread, never whole.
 Only single byte ranges are served; a multi-range or unparsable ``Range`` is ignored (the
 whole file, 200), as RFC 9110 allows.
 """
@@ -72,10 +73,11 @@ def _read(store: ArtifactStore, key: str, start: int, length: int) -> Iterator[b
 
 def serve(store: ArtifactStore, item: Download, request_headers: Headers) -> Response:
     """The download response for ``item``, honouring the conditional and range headers."""
-    if not store.exists(item.key):
+    try:  # one request to a remote store, and no window between "exists" and "how big"
+        size = store.size(item.key)
+    except FileNotFoundError:
         raise Gone(f"{item.filename} is no longer in the artifact store (older checkpoints are pruned "
-                   "by keep_last)")
-    size = store.size(item.key)
+                   "by keep_last)") from None
     headers: dict[str, Any] = {"Accept-Ranges": "bytes",
                                "Content-Disposition": f'attachment; filename="{item.filename}"'}
     etag = f'"{item.sha256}"' if item.sha256 else None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +28,9 @@ def dataset_path(location: str, cache_dir: Path, storage_options: dict[str, Any]
     Plain paths and ``file://`` are used in place. ``http(s)://`` archives are downloaded
     (resuming a partial download); other URLs (``s3://…``) go through fsspec with
     ``storage_options`` (e.g. ``endpoint_url``): an archive is copied, a prefix is mirrored.
-    A finished fetch is reused by later attempts on the same machine.
+    A finished fetch is reused by later attempts on the same machine. Processes sharing
+    ``cache_dir`` (one per GPU on a host) fetch a location one at a time: the others wait
+    for it and reuse it, never reading files that are still being written.
 
     Raises:
         DataError: The location cannot be fetched, with the reason.
@@ -37,16 +42,30 @@ def dataset_path(location: str, cache_dir: Path, storage_options: dict[str, Any]
     done = target / ".complete"
     if done.exists():
         return target / name
-    target.mkdir(parents=True, exist_ok=True)
     try:
-        if location.startswith(HTTP_SCHEMES):
-            _download_http(location, target / name)
-        else:
-            _fetch_fsspec(location, target / name, storage_options or {})
+        target.mkdir(parents=True, exist_ok=True)
+        with _exclusive(target / ".lock"):
+            if done.exists():  # another process fetched it while this one waited
+                return target / name
+            if location.startswith(HTTP_SCHEMES):
+                _download_http(location, target / name)
+            else:
+                _fetch_fsspec(location, target / name, storage_options or {})
+            done.touch()
     except (OSError, httpx.HTTPError, ValueError) as err:
         raise DataError(f"could not fetch {location}: {err}") from None
-    done.touch()
     return target / name
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (released when the process dies, too)."""
+    with lock_file.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _download_http(url: str, out: Path) -> None:

@@ -3,17 +3,26 @@
 On a local (or shared-volume) store the engine writes straight into
 ``<root>/jobs/<job_id>/``, so publishing is free. On a remote store (``s3://…``) it writes
 to ``<work_dir>/jobs/<job_id>/`` and every finished file is uploaded under the same key;
-a new attempt on another machine downloads the newest checkpoint before resuming.
+a new attempt on another machine downloads the newest checkpoint before resuming, and the
+checkpoints the trainer prunes (``keep_last``) are deleted from the store as well, so that the
+store's ``checkpoints/`` folder mirrors the run directory's (as the job's records do).
 Job records only ever hold keys relative to the store root.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from simmim.atomic import atomic_write_with
 from simmim_service.artifacts import ArtifactStore, job_prefix
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = re.compile(r"^ckpt_\d{8,}\.(pt|json)$")
+"""The names :class:`simmim.checkpoint.CheckpointManager` writes (and prunes)."""
 
 
 class JobOutputs:
@@ -45,10 +54,37 @@ class JobOutputs:
         return key
 
     def publish_checkpoint(self, pt_file: Path) -> str:
-        """Upload a checkpoint, then its manifest (which is what makes it visible)."""
+        """Upload a checkpoint, then its manifest (which is what makes it visible).
+
+        On a remote store, checkpoints of this job that are no longer in the local
+        ``checkpoints/`` folder (pruned by ``keep_last``, or older than the one a resumed
+        attempt started from) are then deleted from the store.
+        """
         key = self.publish(pt_file)
         self.publish(pt_file.with_suffix(".json"))
+        if not self.store.is_local:
+            self.drop_pruned(pt_file.parent)
         return key
+
+    def drop_pruned(self, checkpoints: Path) -> list[str]:
+        """Delete the store's checkpoint files of this job that ``checkpoints`` no longer holds.
+
+        Manifests go first, so a checkpoint never stays visible without its file. Returns
+        the deleted keys. A failure is logged, never raised: it leaves files behind, it does
+        not lose any, and the job must not fail for it.
+        """
+        folder = self.key(checkpoints)
+        deleted: list[str] = []
+        try:
+            keys = [k for k in self.store.list(folder)
+                    if CHECKPOINT_FILE.match(k.rsplit("/", 1)[-1]) and not self.path(k).is_file()]
+            for key in sorted(keys, key=lambda k: not k.endswith(".json")):
+                self.store.delete(key)
+                deleted.append(key)
+        except Exception as err:  # any driver error (network, permissions)
+            log.warning("could not delete pruned checkpoints under %s from the artifact store: %s",
+                        folder, err)
+        return deleted
 
     def restore_checkpoint(self, key: str) -> bool:
         """Download a checkpoint and its manifest into the run directory (remote stores).
@@ -63,6 +99,28 @@ class JobOutputs:
         for item in (key, manifest):  # manifest last: it makes the checkpoint visible
             download(self.store, item, self.path(item))
         return True
+
+    def restore_newest(self, recorded: Iterable[tuple[int, str, str]]) -> str | None:
+        """Make the run directory hold the newest recorded checkpoint the store still has.
+
+        ``recorded`` is the job's checkpoint records as ``(step, key, sha256)``. Nothing is
+        downloaded when the run directory already has that checkpoint (same sha256) or a newer
+        one. Unlike "restore only into an empty directory", this also brings a host forward that
+        ran an earlier attempt and kept its (now older) checkpoints, so it does not train the
+        steps another host has trained since. Returns the key it restored, or None.
+        """
+        from simmim.checkpoint import CheckpointManager  # torch: never in a worker's parent process
+
+        if self.store.is_local:
+            return None
+        local = {self.key(c.path): c for c in CheckpointManager(self.directory / "checkpoints").list()}
+        newest_local = max((c.step for c in local.values()), default=-1)
+        for step, key, sha256 in sorted(recorded, reverse=True):
+            if step < newest_local or (key in local and local[key].sha256 == sha256):
+                return None
+            if self.restore_checkpoint(key):
+                return key
+        return None
 
 
 def download(store: ArtifactStore, key: str, target: Path) -> Path:
