@@ -72,6 +72,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     heartbeat_at: Mapped[datetime | None] = mapped_column()
+    dispatched_at: Mapped[datetime | None] = mapped_column()
+    """When the task was last sent to the broker (the reaper re-sends lost ones)."""
+    overrides: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)
+    """Training settings the service changed to keep the job running (OOM backoff)."""
 
     __table_args__ = (Index("ix_jobs_tenant_idem", "tenant", "idempotency_key", unique=True),)
 

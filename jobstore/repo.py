@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from jobstore.ids import new_id
@@ -261,21 +261,70 @@ def metric_history(session: Session, *, job_id: str, key: str, max_points: int =
     return [*picked, rows[-1]]
 
 
-def expire_stale_attempts(session: Session, *, older_than: datetime) -> list[str]:
-    """Jobs whose running attempt stopped heart-beating: mark them ``recovering``. Returns their ids."""
+def expire_stale_attempts(session: Session, *, older_than: datetime, max_lost: int | None = None) -> list[str]:
+    """Jobs whose attempt stopped heart-beating before ``older_than``.
+
+    Each such attempt ends as ``worker_lost``. A job being cancelled becomes ``cancelled``;
+    one that has now lost ``max_lost`` attempts ``failed`` (``worker_lost``); the others
+    go ``recovering``, and their ids are returned so the caller re-queues them. Rows are
+    locked and skipped when another reaper holds them (PostgreSQL), so reapers in several
+    API processes never handle one job twice.
+    """
     stale = list(session.scalars(
         select(Job).where(Job.status.in_([JobStatus.VALIDATING, JobStatus.RUNNING, JobStatus.CANCELLING]),
-                          Job.heartbeat_at < older_than).with_for_update()))
+                          Job.heartbeat_at < older_than).with_for_update(skip_locked=True)))
     ids = []
     for job in stale:
         _end_attempt(session, job, reason="worker_lost")
         if job.status == JobStatus.CANCELLING:
             _set_status(session, job, JobStatus.CANCELLED)
-        else:
-            _set_status(session, job, JobStatus.RECOVERING)
-            ids.append(job.id)
+            continue
+        lost = count_lost_attempts(session, job_id=job.id)
+        if max_lost is not None and lost >= max_lost:
+            _set_status(session, job, JobStatus.FAILED, error_code="worker_lost",
+                        error_message=f"the job lost its worker {lost} times (the machine or process died "
+                                      "or stopped answering); giving up. Resubmit it to start over, or "
+                                      "raise SIMMIM_MAX_LOST_ATTEMPTS")
+            continue
+        _set_status(session, job, JobStatus.RECOVERING)
+        ids.append(job.id)
     return ids
 
+
+def count_lost_attempts(session: Session, *, job_id: str) -> int:
+    """How many attempts of the job ended because their worker was lost."""
+    return len(list(session.scalars(select(Attempt.id).where(Attempt.job_id == job_id,
+                                                             Attempt.reason == "worker_lost"))))
+
+
+def mark_dispatched(session: Session, *, job_id: str) -> None:
+    """Note that the job's task was just sent to the broker."""
+    job = get_job(session, job_id=job_id)
+    job.dispatched_at = _now()
+
+
+def jobs_to_redispatch(session: Session, *, older_than: datetime, limit: int = 100) -> list[Job]:
+    """Jobs waiting (``queued``/``recovering``) whose task was last sent before ``older_than``.
+
+    Their message may have been lost (a broker restarted without persistence, a send that
+    failed). Re-sending is safe: a duplicate delivery finds the job owned or finished and
+    does nothing. ``dispatched_at`` is bumped here, so each is re-sent once per period.
+    """
+    waiting = list(session.scalars(
+        select(Job).where(Job.status.in_([JobStatus.QUEUED, JobStatus.RECOVERING]),
+                          or_(Job.dispatched_at.is_(None), Job.dispatched_at < older_than),
+                          Job.created_at < older_than)
+        .order_by(Job.created_at).limit(limit).with_for_update(skip_locked=True)))
+    for job in waiting:
+        job.dispatched_at = _now()
+    return waiting
+
+
+def set_overrides(session: Session, *, job_id: str, attempt: int, overrides: dict[str, Any]) -> Job:
+    """Record training settings the service changed for this job (fenced), e.g. after an OOM."""
+    job = _fenced(session, job_id, attempt)
+    job.overrides = {**(job.overrides or {}), **overrides}
+    return job
 
 
 def create_embedding_run(session: Session, *, job_id: str, dataset: str, options: dict[str, Any]) -> EmbeddingRun:

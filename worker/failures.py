@@ -28,7 +28,9 @@ def _classify(exc: BaseException) -> tuple[ErrorCode, str]:
         return ErrorCode.INVALID_SPEC, "invalid job spec: " + "; ".join(exc.problems)
     if isinstance(exc, DataError):
         return ErrorCode.DATA_ERROR, str(exc)
-    if _is_oom(exc):
+    if is_oom(exc):
+        if isinstance(exc, MemoryError) and str(exc).startswith("out of memory"):
+            return ErrorCode.OOM, str(exc)  # our own message: what was tried, what to change
         return ErrorCode.OOM, OOM_ADVICE
     if _is_soft_time_limit(exc):
         return ErrorCode.TIMEOUT, "the task ran past its time limit; it was checkpointed where possible"
@@ -38,7 +40,8 @@ def _classify(exc: BaseException) -> tuple[ErrorCode, str]:
     return ErrorCode.INTERNAL, f"internal error ({type(exc).__name__}{': ' + detail if detail else ''})"
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """A host or GPU out-of-memory error (``torch.OutOfMemoryError`` is the CUDA one)."""
     if isinstance(exc, MemoryError):
         return True
     torch = sys.modules.get("torch")  # only loaded when training ran, never imported here

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobstore import repo
 from jobstore.repo import StaleAttemptError
+from jobstore.states import JobStatus
 from worker.context import WorkerContext
 
 if TYPE_CHECKING:
@@ -40,6 +43,7 @@ class JobLease:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
         self._last_poll = 0.0
+        self._cancel_seen_at: float | None = None
 
     def __enter__(self) -> JobLease:
         self._thread.start()
@@ -87,7 +91,14 @@ class JobLease:
         return cancel
 
     def _beat(self) -> None:
-        while not self._done.wait(self.interval_s):
+        next_beat = time.monotonic() + self.interval_s
+        while not self._done.wait(min(self.interval_s, 0.5)):
+            if self._cancel.is_set() and self._past_cancel_grace():
+                self._terminate_after_cancel()
+                return
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + self.interval_s
             try:
                 with self.ctx.transaction() as session:
                     self.note_cancel(repo.heartbeat(session, job_id=self.job_id, attempt=self.attempt))
@@ -96,6 +107,33 @@ class JobLease:
                 return
             except Exception:  # the store may be briefly unreachable; the next beat retries
                 log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+    def _past_cancel_grace(self) -> bool:
+        now = time.monotonic()
+        if self._cancel_seen_at is None:
+            self._cancel_seen_at = now
+        return now - self._cancel_seen_at > self.ctx.settings.cancel_grace_s
+
+    def _terminate_after_cancel(self) -> None:
+        """Training ignored the cancel for ``cancel_grace_s``: end the job and kill this process.
+
+        The pool process is replaced by Celery; its GPU memory, loader workers and (through
+        ``PR_SET_PDEATHSIG``) any data-parallel ranks go with it.
+        """
+        grace = self.ctx.settings.cancel_grace_s
+        try:
+            with self.ctx.transaction() as session:
+                repo.add_event(session, job_id=self.job_id, type="log", data={
+                    "message": f"training did not stop within {grace:g} s of the cancel; its process was "
+                               "terminated", "level": "warning", "attempt": self.attempt})
+                repo.set_status(session, job_id=self.job_id, attempt=self.attempt, status=JobStatus.CANCELLED)
+        except StaleAttemptError:
+            return  # a newer attempt owns the job; it is not ours to end (nor our process to keep)
+        except Exception:
+            log.error("could not record the cancel of job %s; terminating anyway", self.job_id, exc_info=True)
+        log.warning("job %s: training ignored the cancel for %.0f s; killing pool process %d",
+                    self.job_id, grace, os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ProgressWriter:

@@ -22,7 +22,8 @@ from simmim_service.spec import JobCreate, check_training, train_config
 from worker.claim import CRASH_LOOP_ATTEMPTS, claim, is_crash_looping, worker_identity
 from worker.context import WorkerContext, context_for
 from worker.datasets import check_sample, dataset_path
-from worker.failures import classify
+from worker.failures import classify, is_oom
+from worker.faults import Faults
 from worker.lease import JobLease, ProgressWriter
 from worker.outputs import JobOutputs
 from worker.shutdown import shutdown_requested
@@ -63,6 +64,10 @@ def run_pretrain(job_id: str, settings: Settings, worker_name: str, *,
         return "superseded"
 
 
+class OutOfMemoryGaveUp(MemoryError):
+    """Out of memory at the smallest micro-batch: nothing left to back off to."""
+
+
 class PretrainAttempt:
     """One attempt at one job, from ``validating`` to a final status."""
 
@@ -72,6 +77,7 @@ class PretrainAttempt:
         self.requeue, self.shutdown = requeue, shutdown
         self.gpus = 1  # data-parallel processes; read from the spec when it is validated
         self.outputs = JobOutputs(ctx.store, job_id, ctx.settings.work_dir)
+        self.faults = Faults.from_env()
 
     def execute(self) -> str:
         self._log("attempt started", worker=self.me)
@@ -79,23 +85,33 @@ class PretrainAttempt:
             return self._set_failed(ErrorCode.WORKER_LOST, (
                 f"the worker running this job died {CRASH_LOOP_ATTEMPTS} times in a row before writing a "
                 "checkpoint; it probably runs out of memory: lower training.batch_size or num_workers"))
-        try:
-            cfg = self._validate()
-        except Exception as exc:
-            return self._fail(exc)
-        if not self._enter_running():
-            return "cancelled"
+        with self.ctx.sessions() as session:
+            lost = repo.count_lost_attempts(session, job_id=self.job_id)
+        if lost >= self.ctx.settings.max_lost_attempts:
+            return self._set_failed(ErrorCode.WORKER_LOST, (
+                f"the job lost its worker {lost} times (the machine or process died or stopped answering); "
+                "giving up. Resubmit it to start over, or raise SIMMIM_MAX_LOST_ATTEMPTS"))
+        # The lease beats from the start: fetching a remote dataset or checkpoint, and uploading
+        # the outputs at the end, may take longer than lease_seconds.
         lease = JobLease(self.ctx, self.job_id, self.attempt, shutdown=self.shutdown)
         writer = ProgressWriter(self.ctx, lease)
-        try:
-            with lease:
+        with lease:
+            try:
+                cfg = self._validate()
+            except StaleAttemptError:
+                raise
+            except Exception as exc:
+                return self._fail(exc)
+            if not self._enter_running():
+                return "cancelled"
+            try:
                 result = self._train(cfg, lease, writer)
                 writer.flush()
-        except StaleAttemptError:
-            raise
-        except Exception as exc:
-            return self._fail(exc)
-        return self._finish(result, lease)
+            except StaleAttemptError:
+                raise
+            except Exception as exc:
+                return self._fail(exc)
+            return self._finish(result, lease)
 
     # validating -------------------------------------------------------------------------
 
@@ -103,7 +119,8 @@ class PretrainAttempt:
         from simmim.data import open_source
 
         with self.ctx.sessions() as session:
-            raw_spec = repo.get_job(session, job_id=self.job_id).spec
+            job = repo.get_job(session, job_id=self.job_id)
+            raw_spec, overrides = job.spec, dict(job.overrides or {})
         spec = JobCreate.model_validate(raw_spec)
         self.gpus = spec.training.gpus
         owned = self.ctx.settings.worker_gpus  # SIMMIM_WORKER_GPUS, set by `simmim-service worker`
@@ -117,6 +134,9 @@ class PretrainAttempt:
         source = open_source(location)
         check_sample(source, self.ctx.settings.max_image_pixels)
         cfg = train_config(spec.training, source=str(location), output_dir=str(self.outputs.directory))
+        if overrides:  # an earlier attempt backed off after running out of memory
+            optim: dict[str, Any] = {k: overrides[k] for k in ("batch_size", "accumulation_steps") if k in overrides}
+            cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update=optim)})
         need = cfg.optim.batch_size * cfg.optim.accumulation_steps * self.gpus
         if len(source) < need:
             raise DataError(f"{spec.dataset} has {len(source)} images but one optimiser step needs {need} "
@@ -126,15 +146,15 @@ class PretrainAttempt:
         return cfg.model_copy(update={"run": cfg.run.model_copy(update={"log_every": 1})})
 
     def _restore_remote_checkpoint(self) -> None:
-        """On a remote store, fetch the newest recorded checkpoint so training resumes from it."""
-        if self.ctx.store.is_local or any((self.outputs.directory / "checkpoints").glob("ckpt_*.json")):
-            return
+        """On a remote store, bring the run directory up to the newest recorded checkpoint.
+
+        Also when this host ran an earlier attempt and kept older checkpoints: it must not
+        retrain the steps another host has trained since.
+        """
         with self.ctx.sessions() as session:
-            records = [c for c in repo.list_checkpoints(session, job_id=self.job_id)
+            records = [(c.step, c.uri, c.sha256) for c in repo.list_checkpoints(session, job_id=self.job_id)
                        if c.kind == "checkpoint"]
-        for record in sorted(records, key=lambda c: c.step, reverse=True):
-            if self.outputs.restore_checkpoint(record.uri):
-                return
+        self.outputs.restore_newest(records)  # nothing to do on a local store
 
     def _enter_running(self) -> bool:
         """``validating -> running``, or ``cancelled`` if a cancel arrived meanwhile."""
@@ -148,28 +168,73 @@ class PretrainAttempt:
 
     def _train(self, cfg: TrainConfig, lease: JobLease, writer: ProgressWriter) -> TrainResult:
         from simmim.checkpoint import CheckpointManager
-        from simmim.engine import train
 
         existing = CheckpointManager(self.outputs.directory / "checkpoints").list()
         if existing:
             self._log(f"resuming from the checkpoint at step {existing[-1].step}", step=existing[-1].step)
+        self.faults.install_checkpoint_fault(self.job_id)
+        tried: list[tuple[int, int]] = []
+        while True:
+            tried.append((cfg.optim.batch_size, cfg.optim.accumulation_steps))
+            try:
+                return self._train_once(cfg, lease, writer)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                cfg = self._back_off(cfg, exc, tried)
+
+    def _back_off(self, cfg: TrainConfig, exc: Exception, tried: list[tuple[int, int]]) -> TrainConfig:
+        """After an out-of-memory error: the same total batch in smaller micro-batches, or give up.
+
+        The micro-batch is divided by its smallest factor (halved when even) and gradient
+        accumulation multiplied by it, so the optimisation is unchanged; training resumes
+        from the last checkpoint. The identical configuration is never retried.
+        """
+        import gc
+
+        import torch
+
+        batch, accum = cfg.optim.batch_size, cfg.optim.accumulation_steps
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        factor = next((f for f in range(2, batch + 1) if batch % f == 0), None)
+        if factor is None:
+            shown = ", ".join(f"{b}x{a}" for b, a in tried)
+            raise OutOfMemoryGaveUp(
+                f"out of memory even with a micro-batch of 1 (tried batch_size x accumulation_steps {shown}); "
+                "use a smaller image_size or model, precision=bf16, or a GPU with more memory") from exc
+        smaller = {"batch_size": batch // factor, "accumulation_steps": accum * factor}
+        with self.ctx.transaction() as session:
+            repo.set_overrides(session, job_id=self.job_id, attempt=self.attempt,
+                               overrides={**smaller, "reason": "out of memory"})
+        self._log(f"out of memory with micro-batch {batch}; resuming from the last checkpoint with micro-batch "
+                  f"{smaller['batch_size']} x {smaller['accumulation_steps']} accumulation steps (same total batch)",
+                  level="warning", **smaller)
+        return cfg.model_copy(update={"optim": cfg.optim.model_copy(update=smaller)})
+
+    def _train_once(self, cfg: TrainConfig, lease: JobLease, writer: ProgressWriter) -> TrainResult:
+        from simmim.engine import train
+
+        progress = self.faults.wrap_progress(self.job_id, cfg.optim.batch_size, writer)
         if self.gpus == 1:
-            return train(cfg, on_progress=writer, should_stop=lease.should_stop,
+            return train(cfg, on_progress=progress, should_stop=lease.should_stop,
                          on_checkpoint=self._record_checkpoint, resume=True)
         from simmim.launch import train_processes
 
         def started(pids: list[int]) -> None:
             self._log(f"training with {self.gpus} data-parallel processes", pids=pids, gpus=self.gpus)
 
-        return train_processes(cfg, self.gpus, on_progress=writer, should_stop=lease.should_stop,
+        return train_processes(cfg, self.gpus, on_progress=progress, should_stop=lease.should_stop,
                                on_checkpoint=self._record_checkpoint, resume=True, on_start=started,
-                               stop_grace_s=self.ctx.settings.lease_seconds)
+                               stop_grace_s=self.ctx.settings.cancel_grace_s)
 
     def _record_checkpoint(self, info: CheckpointInfo) -> None:
         """Upload (remote stores) and record a checkpoint the engine just saved."""
         key = self.outputs.key(info.path)
         if self._is_recorded(key, info.sha256):
             return
+        self._still_mine()  # a superseded attempt must not overwrite the new one's files
         self.outputs.publish_checkpoint(info.path)
         self._record(key, step=info.step, sha256=info.sha256, size=info.size, final=info.final,
                      kind="checkpoint")
@@ -182,6 +247,11 @@ class PretrainAttempt:
         keep = {(self.outputs.key(c.path), c.sha256) for c in CheckpointManager(directory).list()}
         with self.ctx.transaction() as session:
             repo.forget_checkpoints(session, job_id=self.job_id, attempt=self.attempt, keep=keep)
+
+    def _still_mine(self) -> None:
+        """Raise ``StaleAttemptError`` unless this attempt still owns the job (a fenced heartbeat)."""
+        with self.ctx.transaction() as session:
+            repo.heartbeat(session, job_id=self.job_id, attempt=self.attempt)
 
     def _is_recorded(self, key: str, sha256: str) -> bool:
         """Whether this exact file (key and content) is already recorded, e.g. by an earlier attempt."""
@@ -222,6 +292,7 @@ class PretrainAttempt:
         key = self.outputs.key(weights)
         if self._is_recorded(key, sha256):
             return
+        self._still_mine()
         self.outputs.publish(weights)
         self.outputs.publish(config)
         self._record(key, step=result.steps, sha256=sha256, size=weights.stat().st_size, final=True,

@@ -139,3 +139,50 @@ def test_expired_heartbeat_marks_job_recovering(sessions: sessionmaker[Session])
     with sessions() as s:
         assert repo.get_job(s, job_id=job_id).status == JobStatus.RECOVERING
         assert repo.list_attempts(s, job_id=job_id)[0].reason == "worker_lost"
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_after_max_lost(sessions: sessionmaker[Session]) -> None:
+    job_id = _job(sessions)
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    for lost in (1, 2):
+        with sessions.begin() as s:
+            attempt = repo.start_attempt(s, job_id=job_id, worker=f"w{lost}")
+            repo.set_status(s, job_id=job_id, attempt=attempt, status=JobStatus.RUNNING)
+        with sessions.begin() as s:
+            expired = repo.expire_stale_attempts(s, older_than=later, max_lost=2)
+        with sessions() as s:
+            job = repo.get_job(s, job_id=job_id)
+            assert repo.count_lost_attempts(s, job_id=job_id) == lost
+        if lost == 1:
+            assert expired == [job_id] and job.status == JobStatus.RECOVERING
+    assert expired == [] and job.status == JobStatus.FAILED and job.error_code == "worker_lost"
+    assert "lost its worker 2 times" in (job.error_message or "")
+
+
+def test_waiting_jobs_are_redispatched_once_per_period(sessions: sessionmaker[Session]) -> None:
+    old, fresh = _job(sessions), _job(sessions)
+    running = _job(sessions)
+    with sessions.begin() as s:
+        repo.mark_dispatched(s, job_id=fresh)
+        repo.start_attempt(s, job_id=running, worker="w")
+    now = datetime.now(UTC)
+    with sessions.begin() as s:  # everything was sent (or created) after this instant: nothing to do
+        assert repo.jobs_to_redispatch(s, older_than=now - timedelta(minutes=5)) == []
+    with sessions.begin() as s:
+        due = {j.id for j in repo.jobs_to_redispatch(s, older_than=now + timedelta(seconds=1))}
+    assert due == {old, fresh}  # never sent, and sent too long ago; not the running one
+    with sessions.begin() as s:  # just bumped (after `now`): not due again until a period has passed
+        assert repo.jobs_to_redispatch(s, older_than=now) == []
+
+
+def test_overrides_are_fenced(sessions: sessionmaker[Session]) -> None:
+    job_id = _job(sessions)
+    with sessions.begin() as s:
+        first = repo.start_attempt(s, job_id=job_id, worker="w1")
+        repo.set_overrides(s, job_id=job_id, attempt=first, overrides={"batch_size": 8})
+    with sessions.begin() as s:
+        repo.start_attempt(s, job_id=job_id, worker="w2", lease_seconds=0)
+    with pytest.raises(repo.StaleAttemptError), sessions.begin() as s:
+        repo.set_overrides(s, job_id=job_id, attempt=first, overrides={"batch_size": 4})
+    with sessions() as s:
+        assert repo.get_job(s, job_id=job_id).overrides == {"batch_size": 8}

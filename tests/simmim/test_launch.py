@@ -7,6 +7,7 @@ import pickle
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,7 +70,8 @@ def test_stop_request_stops_every_rank_at_one_step_with_a_checkpoint(digits: dic
     assert again.resumed_from == result.steps and again.steps == result.steps + 2
 
 
-def test_a_killed_rank_fails_the_run_and_takes_the_others_down(digits: dict[str, Path], tmp_path: Path) -> None:
+def test_a_killed_rank_fails_the_run_and_takes_the_others_down(digits: dict[str, Path], tmp_path: Path,
+                                                               record_property: Any) -> None:
     cfg = tiny_config(digits["train"], tmp_path / "run", optim={"batch_size": 8, "max_steps": 100000},
                       run={"checkpoint_every": 100000})
     pids: list[int] = []
@@ -85,6 +87,7 @@ def test_a_killed_rank_fails_the_run_and_takes_the_others_down(digits: dict[str,
         train_processes(cfg, 2, on_progress=seen.append, on_start=pids.extend, should_stop=kill_rank1_after_two_steps)
     assert time.monotonic() - started < 60
     assert not any(_alive(pid) for pid in pids)
+    record_property("faults_injected", 1)
 
 
 def test_an_error_in_a_rank_is_raised_with_its_type(tmp_path: Path) -> None:

@@ -96,15 +96,20 @@ def make_stack(workdir: Path, database_url: str, redis_url: str) -> Stack:
 
 
 @contextmanager
-def celery_worker(stack: Stack, name: str, queues: str = "train,embed",
-                  timeout: float = 90.0) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``celery -A worker.app worker`` process configured by ``SIMMIM_*`` variables."""
-    env = {**os.environ, **settings_env(stack.settings), "PYTHONPATH": str(ROOT)}
+def celery_worker(stack: Stack, name: str, queues: str = "train,embed", timeout: float = 90.0,
+                  env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``celery -A worker.app worker`` process configured by ``SIMMIM_*`` variables.
+
+    It leads its own process group, so ``os.killpg(proc.pid, SIGKILL)`` takes it down with its
+    pool processes, as a machine that dies would. ``env`` adds variables (e.g. ``SIMMIM_FAULTS``).
+    """
+    full_env = {**os.environ, **settings_env(stack.settings), "PYTHONPATH": str(ROOT), **(env or {})}
     log = (stack.workdir / f"{name}.log").open("ab")
     cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, "-c", "1",
            "--pool", "prefork", "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle",
            "--without-gossip"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         _wait_ready(stack, name, proc, timeout)
         yield proc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_two_gpu_job_runs_to_success_as_two_processes(pair: Stack, digits: dict[
     assert [m.step for m in metrics][-1] == 6
 
 
-def test_cancel_stops_both_processes(pair: Stack, digits: dict[str, Path]) -> None:
+def test_cancel_stops_both_processes(pair: Stack, digits: dict[str, Path], record_property: Any) -> None:
     job_id = pair.create_job(digits["train"], gpus=2, batch_size=8, max_steps=100000, checkpoint_every=100000)
     result = pair.submit(job_id, gpus=2)
     pair.wait_for(job_id, lambda j: j.progress.get("step", 0) >= 2, timeout=120)
@@ -59,6 +60,8 @@ def test_cancel_stops_both_processes(pair: Stack, digits: dict[str, Path]) -> No
     assert not any(_alive(pid) for pid in pids)
     (stop,) = pair.read(lambda s: repo.list_checkpoints(s, job_id=job_id))
     assert stop.step == job.progress["step"] >= 2 and not stop.final
+    record_property("faults_injected", 1)  # a cancel of a running 2-process job
+    record_property("jobs", 1)
 
 
 def test_a_two_gpu_job_never_reaches_a_one_gpu_worker(stack: Stack, digits: dict[str, Path]) -> None:
