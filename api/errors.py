@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobstore.repo import (
     IdempotencyConflictError,
@@ -108,6 +109,15 @@ class RangeNotSatisfiable(ProblemError):
 
 class Unprocessable(ProblemError):
     status, slug = 422, "validation-error"
+
+
+class TooManyRequests(ProblemError):
+    """429: a rate limit or a quota; always with ``Retry-After`` (whole seconds)."""
+
+    status, slug = 429, "too-many-requests"
+
+    def __init__(self, detail: str, *, retry_after: int, **extensions: Any) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))}, **extensions)
 
 
 class BadGateway(ProblemError):
@@ -206,6 +216,9 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no route {request.method} {request.url.path}; see /docs for the API"
+    elif exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's words
+        detail = ("the request body cannot be parsed; send JSON encoded as UTF-8 with "
+                  "'Content-Type: application/json'")
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
@@ -216,6 +229,39 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request.url.path, status=500,
                             detail="an internal error occurred; it has been logged")
+
+
+class UnexpectedErrorMiddleware:
+    """Answers an unexpected exception with the generic 500 problem, logged once by ``_on_unexpected``.
+
+    Without it Starlette's outermost middleware answers the 500 and then re-raises, so the
+    server logs the traceback a second time and drops the keep-alive connection under the
+    client's next request. A response that has already started cannot be replaced: that
+    error still goes up.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _on_unexpected(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

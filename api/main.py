@@ -1,7 +1,8 @@
 """Builds the FastAPI app: settings, dispatcher, store and routers wired together, nothing else.
 
 ``uvicorn --factory api.main:app_factory`` reads ``SIMMIM_*`` settings when it starts (never
-at import). The lifespan opens the job store and brings its schema up to date.
+at import). The lifespan opens the job store, brings its schema up to date and runs the
+reaper (lost workers and lost task messages, see ``simmim_service.reaper``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from fastapi import FastAPI
 from api.body_limit import BodyLimitMiddleware
 from api.deps import EMBED_CONCURRENCY
 from api.dispatch import CeleryDispatcher, Dispatcher
-from api.errors import install_error_handlers, problem_responses
+from api.errors import UnexpectedErrorMiddleware, install_error_handlers, problem_responses
 from api.observability import Instruments, MetricsMiddleware
 from api.openapi import install_openapi
+from api.rate_limit import RateLimitMiddleware
 from api.routes import checkpoints, embeddings, events, health, jobs
 from jobstore.db import make_engine, migrate, session_factory
 from simmim_service.artifacts import ArtifactStore
+from simmim_service.reaper import Reaper
 from simmim_service.settings import Settings
 
 DESCRIPTION = """Self-supervised pretraining of timm image encoders with SimMIM, as a service.
@@ -35,9 +38,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await anyio.to_thread.run_sync(migrate, engine)
     app.state.sessions = session_factory(engine)
     app.state.embed_slots = anyio.CapacityLimiter(EMBED_CONCURRENCY)
+    reaper = Reaper(settings, app.state.sessions, app.state.dispatcher.enqueue_pretrain)
+    reaper.start()
     try:
         yield
     finally:
+        reaper.stop()
         app.state.sessions = None
         engine.dispose()
         if isinstance(app.state.dispatcher, CeleryDispatcher) and app.state.owns_dispatcher:
@@ -59,7 +65,9 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
         app.include_router(module.router)
     install_error_handlers(app)
     install_openapi(app)
+    app.add_middleware(UnexpectedErrorMiddleware)  # innermost: a 500 keeps the connection
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_embed_bytes + (1 << 20))
+    app.add_middleware(RateLimitMiddleware, settings=settings)  # before the body is read
     app.add_middleware(MetricsMiddleware, instruments=app.state.instruments)
     return app
 

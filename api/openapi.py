@@ -42,10 +42,30 @@ def _add_model_schemas(schemas: dict[str, Any]) -> None:
     schemas["EmbeddingUpload"] = form
 
 
+TOO_MANY_REQUESTS = {
+    "description": "Too Many Requests: the tenant's rate limit (SIMMIM_RATE_LIMIT_PER_MINUTE) or, on "
+                   "POST /v1/jobs, its active-job quota (SIMMIM_MAX_ACTIVE_JOBS_PER_TENANT)",
+    "headers": {"Retry-After": {"description": "Seconds to wait before retrying", "required": True,
+                                "schema": {"type": "integer", "minimum": 1}}},
+    "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
+
+
+BAD_BODY = {
+    "description": "Bad Request: the body cannot be parsed at all (not UTF-8 JSON, broken multipart)",
+    "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
+
+
 def _tidy_operations(paths: dict[str, Any]) -> None:
-    """Error responses only as problem+json; a request body given as ``$ref`` keeps nothing else."""
-    for operations in paths.values():
+    """Error responses only as problem+json; a request body given as ``$ref`` keeps nothing else;
+    every ``/v1`` operation documents the 429 of the rate limiter, every body the 400 of an unparsable one."""
+    for path, operations in paths.items():
         for operation in operations.values():
+            if path.startswith("/v1/"):
+                operation.setdefault("responses", {})["429"] = TOO_MANY_REQUESTS
+            if "requestBody" in operation:
+                operation.setdefault("responses", {}).setdefault("400", BAD_BODY)
             for media in operation.get("requestBody", {}).get("content", {}).values():
                 if "$ref" in media.get("schema", {}):
                     media["schema"] = {"$ref": media["schema"]["$ref"]}

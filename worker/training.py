@@ -131,7 +131,7 @@ class PretrainAttempt:
             raise ConfigError([f"{p['field']}: {p['message']}" for p in problems])
         settings = self.ctx.settings
         location = dataset_path(spec.dataset, Path(settings.work_dir), settings.dataset_storage_options)
-        source = open_source(location)
+        source = open_source(location, max_member_bytes=settings.max_archive_member_bytes)
         check_sample(source, self.ctx.settings.max_image_pixels)
         cfg = train_config(spec.training, source=str(location), output_dir=str(self.outputs.directory))
         if overrides:  # an earlier attempt backed off after running out of memory

@@ -31,6 +31,10 @@ FILE_DOC: ResponsesDoc = {
     200: {"description": "The file", "content": {"application/octet-stream": {}}},
     206: {"description": "The requested byte range", "content": {"application/octet-stream": {}}},
 }
+TEXT_FILE_DOC: ResponsesDoc = {
+    200: {"description": "The file", "content": {"text/plain": {}}},
+    206: {"description": "The requested byte range", "content": {"text/plain": {}}},
+}
 
 
 @router.post("/{job_id}/embeddings", openapi_extra=EMBED_BODY_DOC,
@@ -76,7 +80,7 @@ def embedding_run_vectors(job_id: str, run_id: str, request: Request, session: S
 
 
 @router.get("/{job_id}/embedding-runs/{run_id}/files", response_class=Response,
-            responses={**FILE_DOC, **problem_responses(401, 404, 409, 410, 416, 422)})
+            responses={**TEXT_FILE_DOC, **problem_responses(401, 404, 409, 410, 416, 422)})
 def embedding_run_files(job_id: str, run_id: str, request: Request, session: SessionDep, tenant: TenantDep,
                         artifacts: ArtifactsDep) -> Response:
     """``files.txt``: the image name of every row of the ``.npy``, in order."""

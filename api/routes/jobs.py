@@ -23,11 +23,14 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_lengt
 
 @router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=JOB_CREATE_DOC,
              responses={200: {"model": JobPublic, "description": "Replay of an Idempotency-Key"},
-                        **problem_responses(401, 413, 422, 503)})
+                        **problem_responses(401, 413, 422, 503)})  # 429 (rate, quota): api.openapi
 def create_job(body: Annotated[dict[str, Any], Body()], response: Response, session: SessionDep, tenant: TenantDep,
                settings: SettingsDep, dispatcher: DispatcherDep,
                idempotency_key: IdempotencyKey = None) -> JobPublic:
-    """Validate a ``JobCreate`` (one 422 lists every problem), store the job, then queue it."""
+    """Validate a ``JobCreate`` (one 422 lists every problem), store the job, then queue it.
+
+    429 when the tenant already has ``max_active_jobs_per_tenant`` unfinished jobs (an
+    ``Idempotency-Key`` replay of an existing job is still answered with that job)."""
     job, created = jobs.create_job(session=session, dispatcher=dispatcher, settings=settings, tenant=tenant,
                                    raw=body, idempotency_key=idempotency_key)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK

@@ -61,6 +61,10 @@ class JobPublic(BaseModel):
     status: JobStatus
     dataset: str
     training: TrainingSpec = Field(description="The resolved training spec, defaults filled in")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Training settings the service changed to keep the job running, e.g. a smaller "
+                    "batch_size with more accumulation_steps (same total batch) after running out of memory")
     metadata: dict[str, Any]
     progress: Progress
     latest_metrics: dict[str, float] = Field(description="Last value of every metric, plus its step")
@@ -78,7 +82,8 @@ class JobPublic(BaseModel):
         error = JobErrorPublic(code=job.error_code, message=job.error_message) if job.error_code else None
         return cls(
             id=job.id, name=job.name, status=JobStatus(job.status), dataset=job.spec.get("dataset", ""),
-            training=_training(job.spec.get("training", {})), metadata=job.meta or {},
+            training=_training(job.spec.get("training", {})), overrides=job.overrides or {},
+            metadata=job.meta or {},
             progress=Progress.model_validate(job.progress or {}), latest_metrics=job.latest_metrics or {},
             error=error, attempt=job.attempt, attempts=[AttemptPublic.from_record(a) for a in attempts],
             cancel_requested=job.cancel_requested, created_at=job.created_at, updated_at=job.updated_at,

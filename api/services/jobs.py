@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import defaultdict
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,11 +18,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.dispatch import Dispatcher
-from api.errors import ServiceUnavailable, Unprocessable, field_problems, validation_detail
+from api.errors import (
+    ServiceUnavailable,
+    TooManyRequests,
+    Unprocessable,
+    field_problems,
+    validation_detail,
+)
 from api.schemas.jobs import JobPublic, JobsPublic, MetricHistory, MetricKeys, MetricPointPublic
 from jobstore import repo
 from jobstore.models import Job
-from jobstore.states import JobStatus
+from jobstore.states import TERMINAL, JobStatus
 from simmim_service.settings import Settings
 from simmim_service.spec import JobCreate, TrainingSpec, check_dataset, check_job, check_training
 
@@ -59,23 +67,66 @@ def _checks_on_parts(raw: dict[str, Any], settings: Settings, known: set[str]) -
     return problems
 
 
+QUOTA_RETRY_AFTER_S = 60
+"""``Retry-After`` of a quota 429: jobs take minutes at least, so asking again sooner is pointless."""
+
+# Serialises "count active jobs, then insert" per tenant within this API process, so concurrent
+# creates cannot overshoot the quota here (with several replicas it may be exceeded by up to
+# replicas - 1 jobs).
+_quota_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+_quota_locks_guard = threading.Lock()
+
+
+def _quota_lock(tenant: str) -> threading.Lock:
+    with _quota_locks_guard:
+        return _quota_locks[tenant]
+
+
+def active_job_count(session: Session, tenant: str) -> int:
+    """The tenant's jobs that are not finished (queued, validating, running, cancelling, recovering)."""
+    return int(session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant == tenant, Job.status.not_in([s.value for s in TERMINAL]))) or 0)
+
+
+def _check_quota(session: Session, *, settings: Settings, tenant: str, idempotency_key: str | None) -> None:
+    """429 when the tenant already has ``max_active_jobs_per_tenant`` unfinished jobs.
+
+    A replay of an existing idempotency key is never refused: it creates nothing.
+    """
+    if idempotency_key is not None and session.scalar(select(Job.id).where(
+            Job.tenant == tenant, Job.idempotency_key == idempotency_key)) is not None:
+        return
+    limit = settings.max_active_jobs_per_tenant
+    active = active_job_count(session, tenant)
+    if active >= limit:
+        raise TooManyRequests(
+            f"tenant {tenant!r} already has {active} active jobs (queued or running); the limit is {limit} "
+            "(SIMMIM_MAX_ACTIVE_JOBS_PER_TENANT). Wait for one to finish, or cancel one, then retry.",
+            retry_after=QUOTA_RETRY_AFTER_S, active_jobs=active, max_active_jobs=limit)
+
+
 def create_job(*, session: Session, dispatcher: Dispatcher, settings: Settings, tenant: str,
                raw: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
-    """Validate, commit a queued job, then enqueue it. Returns (job, created).
+    """Validate, check the quota, commit a queued job, then enqueue it. Returns (job, created).
 
     A replay (same ``idempotency_key``, same body) returns the first job; if that job is still
     ``queued`` and never started it is enqueued again, which is how a client recovers from a
     503 (a duplicate message is harmless: ``repo.start_attempt`` lets only one attempt run).
-    If the broker is down the job stays ``queued`` and a 503 names it.
+    If the broker is down the job stays ``queued`` and a 503 names it. A tenant with
+    ``max_active_jobs_per_tenant`` unfinished jobs gets a 429 (replays excepted).
     """
     body = parse_job(raw, settings)
-    try:
-        job, created = _insert(session, tenant=tenant, body=body, idempotency_key=idempotency_key)
-    except IntegrityError:  # a concurrent request inserted the same idempotency key first
-        session.rollback()
-        job, created = _insert(session, tenant=tenant, body=body, idempotency_key=idempotency_key)
+    with _quota_lock(tenant):
+        _check_quota(session, settings=settings, tenant=tenant, idempotency_key=idempotency_key)
+        try:
+            job, created = _insert(session, tenant=tenant, body=body, idempotency_key=idempotency_key)
+        except IntegrityError:  # a concurrent request inserted the same idempotency key first
+            session.rollback()
+            job, created = _insert(session, tenant=tenant, body=body, idempotency_key=idempotency_key)
     if created or (job.status == JobStatus.QUEUED and job.attempt == 0):
         _enqueue(dispatcher, job.id, body.training.gpus)
+        repo.mark_dispatched(session, job_id=job.id)
+        session.commit()
     return job, created
 
 

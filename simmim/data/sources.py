@@ -10,7 +10,13 @@ import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from simmim.data.archives import TAR_SUFFIXES, ZIP_SUFFIXES, TarSource, ZipSource
+from simmim.data.archives import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    TAR_SUFFIXES,
+    ZIP_SUFFIXES,
+    TarSource,
+    ZipSource,
+)
 from simmim.data.filenames import IMAGE_EXTENSIONS, is_image_member
 from simmim.errors import DataError, ImageDecodeError
 
@@ -148,12 +154,16 @@ class ListFileSource:
         return f"ListFileSource({str(self.txt_path)!r}, images={len(self)})"
 
 
-def open_source(location: str | Path) -> ImageSource:
+def open_source(location: str | Path, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ImageSource:
     """Open a folder, list file or archive as an image source, chosen by what the path is.
+
+    Archives are read in place, never extracted; their links, absolute or ``..`` names and
+    members over ``max_member_bytes`` are skipped (see :mod:`simmim.data.archives`).
 
     Args:
         location: A folder (searched recursively), a ``.txt`` file with one image path per
             line, or a ``.tar``/``.tar.gz``/``.tgz``/``.zip`` archive.
+        max_member_bytes: Largest decompressed archive member to read (zip bombs).
 
     Returns:
         The source, holding at least one image.
@@ -171,14 +181,16 @@ def open_source(location: str | Path) -> ImageSource:
     elif lower.endswith(LIST_SUFFIXES):
         source = ListFileSource(path)
     elif lower.endswith(TAR_SUFFIXES):
-        source = TarSource(path)
+        source = TarSource(path, max_member_bytes)
     elif lower.endswith(ZIP_SUFFIXES):
-        source = ZipSource(path)
+        source = ZipSource(path, max_member_bytes)
     else:
         raise DataError(f"unsupported data source {path}; pass {_SUPPORTED}")
     if len(source) == 0:
+        skipped = source.skip_summary() if isinstance(source, TarSource | ZipSource) else ""
         raise DataError(
             f"no images found in {path}; supported extensions: {', '.join(IMAGE_EXTENSIONS)}"
             + (" (hidden files and folders are skipped)" if path.is_dir() else "")
+            + (f"; skipped archive members: {skipped}" if skipped else "")
         )
     return source

@@ -89,8 +89,9 @@ def test_openapi_bodies_security_and_examples(openapi: tuple[dict[str, Any], lis
     assert set(embed) == {"application/json", "multipart/form-data"}
     assert schemas["EmbeddingUpload"]["properties"]["files"]["items"]["format"] == "binary"
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
-    assert doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"] == {
-        "text/event-stream": {"schema": {"type": "string"}}}
+    event = doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+    assert event["schema"]["required"] == ["data"] and set(event["schema"]["properties"]) == {
+        "id", "event", "data", "retry"}  # OpenAPI 3.1: the schema of an event stream describes one event
     refs = {"#/components/schemas/" + name for name in schemas}
     assert all(ref in refs for ref in _refs(doc)), "dangling $ref"
 
