@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_shutting_down
 
 from worker import shutdown
@@ -44,6 +44,13 @@ def register_tasks(app: SimMIMCelery) -> None:
     def pretrain(self: Task, job_id: str) -> str:
         """Run or resume pretraining job ``job_id`` (re-delivery safe: leased and fenced)."""
         from worker.training import run_pretrain
+
+        # Again here, not only at process start: billiard's plain pool (used with polling
+        # transports such as the embedded SQLite broker) resets SIGUSR2 to "exit" after the
+        # process initialiser ran, which killed the task instead of letting it hand back.
+        shutdown.install_child_handler()
+        if shutdown.shutdown_requested():  # forked during a warm shutdown: leave it to the next worker
+            raise Reject("this worker is shutting down", requeue=True)
 
         return run_pretrain(job_id, settings, worker_name=str(self.request.hostname), requeue=requeue)
 
