@@ -43,6 +43,9 @@ def _wait_step(client: SimMIMClient, job_id: str, step: int, timeout: float = 12
 
 
 def test_api_restart_mid_job(digits: dict[str, Path], tmp_path: Path, record_property: Any) -> None:
+    # recorded first: a test that fails counts what it exposed as lost (bench/faults.py)
+    record_property("faults_injected", 1)
+    record_property("jobs", 1)
     with redis_server(tmp_path) as redis_url:
         stack = make_stack(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", redis_url)
         settings = stack.settings.model_copy(update={"api_keys": {KEY: "t"}, "auth_required": True,
@@ -66,8 +69,6 @@ def test_api_restart_mid_job(digits: dict[str, Path], tmp_path: Path, record_pro
     assert done["status"] == "succeeded" and done["progress"]["step"] == 30
     assert [a["reason"] for a in done["attempts"]] == ["succeeded"]
     assert later and min(i for i in later if i is not None) > max(seen)  # the stream resumes, no repeats
-    record_property("faults_injected", 1)
-    record_property("jobs", 1)
 
 
 @contextmanager
@@ -97,6 +98,9 @@ def embedded_service(data_dir: Path, port: int, allowed: Path, log: Path) -> Ite
 
 
 def test_embedded_service_restart_mid_job(digits: dict[str, Path], tmp_path: Path, record_property: Any) -> None:
+    # recorded first: a test that fails counts what it exposed as lost (bench/faults.py)
+    record_property("faults_injected", 1)
+    record_property("jobs", 1)
     port, data = free_port(), tmp_path / "service"
     url = f"http://127.0.0.1:{port}"
     with embedded_service(data, port, digits["train"].parent, tmp_path / "serve.log"), \
@@ -112,5 +116,3 @@ def test_embedded_service_restart_mid_job(digits: dict[str, Path], tmp_path: Pat
     assert [a["reason"] for a in done["attempts"]][-1] == "succeeded" and len(done["attempts"]) == 2
     resumed = [e["message"] for e in events if isinstance(e, dict) and str(e.get("message", "")).startswith("resuming")]
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= stopped_at
-    record_property("faults_injected", 1)
-    record_property("jobs", 1)

@@ -72,6 +72,8 @@ def test_stop_request_stops_every_rank_at_one_step_with_a_checkpoint(digits: dic
 
 def test_a_killed_rank_fails_the_run_and_takes_the_others_down(digits: dict[str, Path], tmp_path: Path,
                                                                record_property: Any) -> None:
+    # recorded first: a test that fails counts what it exposed as lost (bench/faults.py)
+    record_property("faults_injected", 1)
     cfg = tiny_config(digits["train"], tmp_path / "run", optim={"batch_size": 8, "max_steps": 100000},
                       run={"checkpoint_every": 100000})
     pids: list[int] = []
@@ -87,7 +89,6 @@ def test_a_killed_rank_fails_the_run_and_takes_the_others_down(digits: dict[str,
         train_processes(cfg, 2, on_progress=seen.append, on_start=pids.extend, should_stop=kill_rank1_after_two_steps)
     assert time.monotonic() - started < 60
     assert not any(_alive(pid) for pid in pids)
-    record_property("faults_injected", 1)
 
 
 def test_an_error_in_a_rank_is_raised_with_its_type(tmp_path: Path) -> None:

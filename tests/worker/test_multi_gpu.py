@@ -47,6 +47,9 @@ def test_two_gpu_job_runs_to_success_as_two_processes(pair: Stack, digits: dict[
 
 
 def test_cancel_stops_both_processes(pair: Stack, digits: dict[str, Path], record_property: Any) -> None:
+    # recorded first: a test that fails counts what it exposed as lost (bench/faults.py)
+    record_property("faults_injected", 1)  # a cancel of a running 2-process job
+    record_property("jobs", 1)
     job_id = pair.create_job(digits["train"], gpus=2, batch_size=8, max_steps=100000, checkpoint_every=100000)
     result = pair.submit(job_id, gpus=2)
     pair.wait_for(job_id, lambda j: j.progress.get("step", 0) >= 2, timeout=120)
@@ -60,8 +63,6 @@ def test_cancel_stops_both_processes(pair: Stack, digits: dict[str, Path], recor
     assert not any(_alive(pid) for pid in pids)
     (stop,) = pair.read(lambda s: repo.list_checkpoints(s, job_id=job_id))
     assert stop.step == job.progress["step"] >= 2 and not stop.final
-    record_property("faults_injected", 1)  # a cancel of a running 2-process job
-    record_property("jobs", 1)
 
 
 def test_a_two_gpu_job_never_reaches_a_one_gpu_worker(stack: Stack, digits: dict[str, Path]) -> None:
