@@ -23,6 +23,9 @@ from simmim_service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_S = 90.0
+"""How long ``serve`` waits for its workers to stop before it kills them."""
+
 
 def embedded_settings(base: Settings, data_dir: Path) -> Settings:
     """``base`` with the store, broker, results and artifacts moved under ``data_dir``."""
@@ -92,6 +95,9 @@ def serve(*, embedded: bool, host: str, port: int, data_dir: Path) -> int:
         _Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning")).run()
     finally:
         if supervisor is not None and thread is not None:
-            supervisor.stop()
-            thread.join(timeout=120)
+            supervisor.stop()  # warm shutdown: a training job checkpoints and is re-queued
+            thread.join(timeout=STOP_GRACE_S)
+            if thread.is_alive():  # a stuck worker must not outlive serve
+                supervisor.kill()
+                thread.join(timeout=10)
     return 0

@@ -11,6 +11,7 @@ re-queued) and exits when all have exited.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -151,6 +152,16 @@ class Supervisor:
         for worker in self.workers:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.proc.send_signal(sig)
+        self._wake.set()
+
+    def kill(self) -> None:
+        """SIGKILL every worker still running, with its pool processes (each leads its own group)."""
+        self.stopping = True
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                log.warning("worker %s did not stop in time; killing it and its pool processes", worker.name)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.proc.pid, signal.SIGKILL)
         self._wake.set()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

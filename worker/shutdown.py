@@ -2,7 +2,7 @@
 
 Celery's warm shutdown (SIGTERM) waits for running tasks, and a training task may run for
 days. So when the parent process starts shutting down it signals its pool children
-(SIGUSR2); a training task sees :func:`shutdown_requested`, lets the engine checkpoint,
+(:data:`SHUTDOWN_SIGNAL`); a training task sees :func:`shutdown_requested`, lets the engine checkpoint,
 marks the job ``recovering`` and re-queues it, and the worker then exits promptly.
 """
 
@@ -14,7 +14,10 @@ import signal
 import threading
 from types import FrameType
 
-SHUTDOWN_SIGNAL = signal.SIGUSR2
+SHUTDOWN_SIGNAL: int = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+"""A real-time signal where there is one: billiard re-maps the classic ones (SIGUSR2 among
+them, with its plain pool) to "exit now" in pool processes, which would kill a training task
+instead of letting it hand back; it never touches real-time signals."""
 _requested = threading.Event()
 
 

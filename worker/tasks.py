@@ -46,8 +46,8 @@ def register_tasks(app: SimMIMCelery) -> None:
         from worker.training import run_pretrain
 
         # Again here, not only at process start: billiard's plain pool (used with polling
-        # transports such as the embedded SQLite broker) resets SIGUSR2 to "exit" after the
-        # process initialiser ran, which killed the task instead of letting it hand back.
+        # transports such as the embedded SQLite broker) resets classic signals to "exit" after
+        # the process initialiser ran (see worker/shutdown.py).
         shutdown.install_child_handler()
         if shutdown.shutdown_requested():  # forked during a warm shutdown: leave it to the next worker
             raise Reject("this worker is shutting down", requeue=True)

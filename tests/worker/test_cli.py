@@ -73,3 +73,36 @@ def test_supervisor_returns_when_every_worker_has_exited_cleanly() -> None:
     workers = [_python("a", "pass"), _python("b", "import time; time.sleep(0.2)")]
     assert Supervisor(workers, poll_s=0.02).run() == 0
     assert [w.restarts for w in workers] == [0, 0]
+
+
+def test_kill_takes_down_a_worker_that_ignores_sigterm_with_its_children(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    code = ("import os, signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}'); time.sleep(120)")
+    sup = Supervisor([_python("stubborn", code)], poll_s=0.05)
+    thread = threading.Thread(target=sup.run, kwargs={"handle_signals": False})
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (pids.exists() and pids.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    parent, child = map(int, pids.read_text().split())
+    sup.stop()
+    thread.join(timeout=1)
+    assert thread.is_alive()  # SIGTERM was ignored
+    sup.kill()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in (parent, child)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in (parent, child))
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
