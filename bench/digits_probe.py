@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from _common import emit, environment, log, resolve_device  # also puts the repo on sys.path
-from _lightly_recipe import LightlySimMIM, build_lightly_simmim, lightly_vit_kwargs, no_decay_groups
 from torch import nn
 
 from simmim.config import TrainConfig, scaled_lr, steps_per_epoch, total_steps, warmup_steps
@@ -60,6 +60,9 @@ from simmim.export import export_config
 from simmim.model import build_model, encoder_kwargs
 from simmim.sample_data import write_digits
 from simmim.schedule import get_lr
+
+if TYPE_CHECKING:  # lightly is imported only by the runs that use it (not by --suite convnets)
+    from _lightly_recipe import LightlySimMIM
 
 Split = tuple[torch.Tensor, np.ndarray]  # (images (N, 3, S, S), labels (N,))
 
@@ -168,12 +171,16 @@ def epoch_means(points: list[tuple[int, float]]) -> list[float]:
 
 def build_lightly(cfg: TrainConfig, mask_ratio: float, device: torch.device) -> LightlySimMIM:
     """lightly's module on the same architecture, seeded as our engine seeds its model."""
+    from _lightly_recipe import build_lightly_simmim, lightly_vit_kwargs
+
     torch.manual_seed(cfg.run.seed)
     return build_lightly_simmim(cfg.model.name, lightly_vit_kwargs(encoder_kwargs(cfg.model)), mask_ratio).to(device)
 
 
 def train_lightly(cfg: TrainConfig, model: LightlySimMIM, device: torch.device) -> dict[str, Any]:
     """lightly's recipe with our data pipeline, optimiser settings and per-step schedule."""
+    from _lightly_recipe import no_decay_groups
+
     o = cfg.optim
     source = FolderSource(cfg.data.source)
     dataset = PretrainDataset(source, SimMIMAugment(image_size=cfg.model.image_size), None, seed=cfg.run.seed)
@@ -295,6 +302,122 @@ def summarise(runs: list[dict[str, Any]], init: dict[str, Any], k: int) -> dict[
     }
 
 
+# ----------------------------------------------------------------------------- ConvNet suite (--suite convnets)
+
+# Rows of the ConvNet suite: (row, timm name, timm kwargs, ViT patch size, convnet_remask). Small
+# and narrow so each pretraining fits a few minutes on 2 CPU cores; every row gets the same
+# images (--image-size, default 96 px here), 32 px mask blocks at ratio 0.6 (6 of 9 blocks),
+# epochs, batch, optimiser and schedule. Only the encoder differs.
+CONVNET_ROWS: list[tuple[str, str, dict[str, Any], int | None, bool]] = [
+    ("vit_tiny d6 /16", "vit_tiny_patch16_224", {"depth": 6}, 16, True),
+    ("resnet (mask token + re-mask)", "resnet18",
+     {"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "stem_width": 32}, None, True),
+    ("resnet (mask token only)", "resnet18",
+     {"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "stem_width": 32}, None, False),
+    ("convnext (mask token + re-mask)", "convnext_atto", {"depths": [1, 1, 3, 1]}, None, True),
+    ("convnext (mask token only)", "convnext_atto", {"depths": [1, 1, 3, 1]}, None, False),
+]
+
+
+def suite_config(args: argparse.Namespace, row: tuple[str, str, dict[str, Any], int | None, bool],
+                 train_dir: Path, output_dir: Path) -> TrainConfig:
+    """The TrainConfig of one suite row: the shared recipe with this row's encoder."""
+    _, name, kwargs, patch, remask = row
+    return TrainConfig.model_validate({
+        "data": {"source": str(train_dir), "num_workers": args.num_workers},
+        "model": {"name": name, "image_size": args.image_size, "patch_size": patch,
+                  "mask_patch_size": args.mask_patch_size, "mask_ratio": args.mask_ratio,
+                  "model_kwargs": kwargs, "convnet_remask": remask},
+        "optim": {"batch_size": args.batch_size, "base_lr": args.base_lr, "warmup_lr": args.warmup_lr,
+                  "min_lr": min(args.min_lr, args.base_lr), "weight_decay": args.weight_decay,
+                  "grad_clip": args.grad_clip, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs},
+        "run": {"output_dir": str(output_dir), "device": args.device, "precision": "fp32", "seed": args.seed,
+                "checkpoint_every": 10**9, "log_every": 1},
+    })
+
+
+def mean_scores(embedder: Embedder, train: Split, test: Split, k: int) -> dict[str, float]:
+    """Scores of the served embedding (global-average-pooled final features)."""
+    (tr,) = batched(lambda x: (embedder.embed_tensors(x),), train[0])
+    (te,) = batched(lambda x: (embedder.embed_tensors(x),), test[0])
+    return scores(tr, train[1], te, test[1], k)
+
+
+def run_suite_row(cfg: TrainConfig, train: Split, test: Split, k: int) -> dict[str, Any]:
+    """Random-init scores (exact starting weights), then pretrain and score the export."""
+    torch.manual_seed(cfg.run.seed)  # as simmim.engine does before build_model
+    init = build_model(cfg.model)
+    init_scores = mean_scores(Embedder(init.encoder.model, export_config(cfg, weights_sha256=""), device="cpu"),
+                              train, test, k)
+    params = sum(p.numel() for p in init.encoder.model.parameters())
+    seen: list[Progress] = []
+    t0 = time.perf_counter()
+    result = engine_train(cfg, on_progress=seen.append, resume=False)
+    seconds = time.perf_counter() - t0
+    assert result.encoder_dir is not None, "training stopped early"
+    trained = mean_scores(Embedder.load(result.encoder_dir, device=cfg.run.device), train, test, k)
+    return {"model": cfg.model.name, "model_kwargs": cfg.model.model_kwargs, "patch_size": cfg.model.patch_size,
+            "convnet_remask": cfg.model.convnet_remask, "encoder_params": params, "train_seconds": seconds,
+            "steps": result.steps, "final_loss": result.final_loss,
+            "epoch_losses": epoch_means([(p.epoch, p.loss) for p in seen]),
+            "scores": trained, "random_init_scores": init_scores}
+
+
+def suite_summary(rows: dict[str, dict[str, Any]], k: int) -> dict[str, Any]:
+    """Table, gain over each encoder's own init, and which row wins each metric."""
+    metrics = ("linear_probe", f"knn{k}")
+    table = {row: {**{m: r["scores"][m] for m in metrics},
+                   **{f"{m}_at_init": r["random_init_scores"][m] for m in metrics},
+                   **{f"{m}_gain_over_init": r["scores"][m] - r["random_init_scores"][m] for m in metrics},
+                   "train_seconds": r["train_seconds"]} for row, r in rows.items()}
+    winners = {m: max(table, key=lambda row: table[row][m]) for m in metrics}
+    remask = {}
+    for family in ("resnet", "convnext"):
+        on, off = f"{family} (mask token + re-mask)", f"{family} (mask token only)"
+        if on in table and off in table:
+            remask[family] = {m: table[on][m] - table[off][m] for m in metrics}
+    return {"table": table, "best_row_per_metric": winners, "remask_minus_mask_token_only": remask}
+
+
+def run_convnet_suite(args: argparse.Namespace) -> None:
+    """ResNet and ConvNeXt (re-masking on and off) against a ViT and their own random init."""
+    t_start = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="digits_probe_convnets_")
+    data_dir = Path(args.data_dir or Path(tmp.name) / "digits")
+    work_dir = Path(args.work_dir or Path(tmp.name) / "runs")
+    folders = write_digits(data_dir, size=args.image_size, seed=0)
+    train, test = labelled_split(folders["train"], args.image_size), labelled_split(folders["test"], args.image_size)
+    log(f"digits: {len(train[1])} train / {len(test[1])} test images at {args.image_size} px")
+    selected = [r for r in CONVNET_ROWS if args.rows is None or r[0] in args.rows.split(";")]
+    rows: dict[str, dict[str, Any]] = {}
+    result: dict[str, Any] = {}
+    for row in selected:
+        cfg = suite_config(args, row, folders["train"], work_dir / f"row{len(rows)}")
+        log(f"training {row[0]}: {row[1]} {row[2]} for {args.epochs} epochs")
+        rows[row[0]] = run_suite_row(cfg, train, test, args.k)
+        log(f"  {row[0]}: {rows[row[0]]['train_seconds']:.0f} s, final loss {rows[row[0]]['final_loss']:.4f}, "
+            f"scores {rows[row[0]]['scores']}, init {rows[row[0]]['random_init_scores']}")
+        result = {
+            "benchmark": "digits_probe_convnets",
+            "environment": environment(resolve_device(args.device)),
+            "config": {**{k: v for k, v in vars(args).items() if k != "out"},
+                       "train_images": len(train[1]), "test_images": len(test[1]),
+                       "steps_per_epoch": steps_per_epoch(len(train[1]), args.batch_size, 1, 1),
+                       "embedding": "Embedder default: global-average-pooled final features (ViT: mean "
+                                    "patch tokens after the final norm)",
+                       "same_for_every_row": "images, 32 px mask blocks at ratio 0.6, epochs, batch, base lr, "
+                                             "warmup + cosine, AdamW groups, grad clip, seed, EvalTransform"},
+            "rows": rows,
+            "summary": suite_summary(rows, args.k),
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.out)
+    tmp.cleanup()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -328,10 +451,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=5, help="neighbours for k-NN")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON result to this file (rewritten after every run)")
+    p.add_argument("--suite", choices=("vit", "convnets"), default="vit",
+                   help="vit: ours vs lightly's recipe (the default); convnets: ResNet and ConvNeXt, re-masking "
+                        "on and off, against a ViT and their own random init (defaults below change to "
+                        "96 px, 32 px mask blocks, 10 epochs, base lr 4e-3)")
+    p.add_argument("--rows", help="--suite convnets: ';'-separated subset of the row names")
     p.add_argument("--resume", action="store_true",
                    help="reuse runs already in --out that were made with the same settings "
                         "(runs are deterministic: same seed, same numbers)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.suite == "convnets":  # ConvNet defaults where the flag was not given
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for flag, value in (("--image-size", 96), ("--mask-patch-size", 32), ("--epochs", 10), ("--base-lr", 4e-3)):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
+    return args
 
 
 # Options that do not change what a run computes: runs saved under other values can be reused.
@@ -383,6 +517,9 @@ def build_result(args: argparse.Namespace, cfg: TrainConfig, grid: list[float], 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.suite == "convnets":
+        run_convnet_suite(args)
+        return
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     tmp = tempfile.TemporaryDirectory(prefix="digits_probe_")

@@ -48,14 +48,20 @@ import numpy as np
 import timm
 import torch
 from _common import emit, environment, log, resolve_device  # also puts the repo on sys.path
-from _lightly_recipe import build_lightly_simmim, lightly_vit_kwargs
 from torch import nn
 
 from simmim.config import ModelConfig
 from simmim.model import build_mask_generator, build_model, encoder_kwargs
 
-ALL_CONFIGS = ("ours", "ours_compiled", "ours_noclip", "lightly_recipe_fp32", "lightly_recipe_bf16",
-               "timm_plain")
+ALL_CONFIGS = ("ours", "ours_compiled", "ours_noclip", "ours_mask_token_only", "lightly_recipe_fp32",
+               "lightly_recipe_bf16", "timm_plain")
+# --suite convnets: (model, timm kwargs) on CUDA (224 px, batch 128) and on CPU (small and narrow, 96 px).
+CONVNET_MODELS = {
+    "cuda": [("resnet50", {}), ("convnext_tiny", {})],
+    "cpu": [("resnet18", {"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "stem_width": 32}),
+            ("convnext_atto", {"depths": [1, 1, 3, 1]})],
+}
+CONVNET_CONFIGS = ("ours", "ours_mask_token_only", "timm_plain")
 MASK_POOL = 8  # distinct mask batches cycled by `ours`
 # glibc malloc settings for CPU workers: serve every tensor below 32 MiB from the heap and never
 # hand freed memory back, so steps do not page-fault fresh memory in. With glibc's adaptive
@@ -82,6 +88,7 @@ class Spec:
     warmup: int = 3
     round_warmup: int = 0
     seed: int = 0
+    convnet_remask: bool = True
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -102,7 +109,8 @@ def _config_precision(spec: Spec) -> str:
 def _model_config(spec: Spec) -> ModelConfig:
     return ModelConfig(name=spec.model, image_size=spec.image_size, patch_size=spec.patch_size,
                        mask_patch_size=spec.mask_patch_size, mask_ratio=spec.mask_ratio,
-                       model_kwargs=spec.model_kwargs)
+                       model_kwargs=spec.model_kwargs,
+                       convnet_remask=spec.convnet_remask and spec.config != "ours_mask_token_only")
 
 
 def _adamw(params: Any, device: torch.device, lr: float = 1e-4, weight_decay: float = 0.05) -> torch.optim.AdamW:
@@ -142,6 +150,9 @@ def _build_ours(spec: Spec, device: torch.device, images: torch.Tensor,
 
 def _build_lightly(spec: Spec, device: torch.device,
                    images: torch.Tensor) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
+    # only these configs need lightly
+    from _lightly_recipe import build_lightly_simmim, lightly_vit_kwargs
+
     kwargs = lightly_vit_kwargs(encoder_kwargs(_model_config(spec)))
     model = build_lightly_simmim(spec.model, kwargs, spec.lightly_mask_ratio).to(device)
     opt = _adamw(model.parameters(), device, lr=1.5e-4, weight_decay=0.01)  # lightly example's AdamW
@@ -181,7 +192,7 @@ def _build_timm_plain(spec: Spec, device: torch.device,
 
 def _build(spec: Spec, device: torch.device,
            images: torch.Tensor) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
-    if spec.config in ("ours", "ours_compiled", "ours_noclip"):
+    if spec.config in ("ours", "ours_compiled", "ours_noclip", "ours_mask_token_only"):
         return _build_ours(spec, device, images, compiled=spec.config == "ours_compiled",
                            clip=spec.config != "ours_noclip")
     if spec.config.startswith("lightly_recipe_"):
@@ -378,6 +389,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-malloc", action="store_true",
                    help="CPU: keep glibc's adaptive malloc instead of the fixed settings (see CPU_MALLOC_ENV)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suite", choices=("vit", "convnets"), default="vit",
+                   help="convnets: for resnet50 and convnext_tiny (CUDA; 224 px, batch 128) or two small, narrow "
+                        "ones (CPU; 96 px, batch 32): ours (re-masking), ours_mask_token_only and timm_plain, "
+                        "with ratio_to_timm_plain")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--worker-spec", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -400,12 +415,58 @@ def build_spec(args: argparse.Namespace, device: torch.device) -> Spec:
     )
 
 
+def run_convnet_suite(args: argparse.Namespace, device: torch.device) -> None:
+    """Per ConvNet: ours with and without re-masking against the plain timm model, interleaved rounds."""
+    cuda = device.type == "cuda"
+    iters = args.iters or (20 if cuda else 2)
+    rounds = args.rounds or (3 if cuda else 7)
+    env = {} if cuda or args.default_malloc else CPU_MALLOC_ENV
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"benchmark": "train_step_convnets", "summary": {}, "environment": environment(device),
+                           "config": {}, "results": {}}
+    for model, kwargs in CONVNET_MODELS["cuda" if cuda else "cpu"]:
+        base = Spec(**{**asdict(build_spec(args, device)), "model": model, "model_kwargs": kwargs,
+                       "image_size": args.image_size or (224 if cuda else 96)})
+        workers: dict[str, Worker] = {}
+        memory: dict[str, dict[str, Any]] = {}
+        try:
+            for name in CONVNET_CONFIGS:
+                log(f"{model}: starting {name} (build + {base.warmup} warmup steps)")
+                workers[name] = Worker(Spec(**{**asdict(base), "config": name}), env)
+            wall, cpu = run_rounds(workers, rounds, iters)
+            for name, w in workers.items():
+                memory[name] = w.quit()["memory"]
+        finally:
+            for w in workers.values():
+                if w.proc.poll() is None:
+                    w.proc.kill()
+        results = summarise(wall, cpu, workers, memory, base.batch_size)
+        for row in results.values():
+            for key in ("reference", "ratio_to_lightly", "ratio_to_lightly_best_round"):
+                row.pop(key, None)
+            row["ratio_to_timm_plain"] = row["img_per_s"] / results["timm_plain"]["img_per_s"]
+        out["results"][model] = results
+        out["summary"][model] = {n: {"img_per_s": round(r["img_per_s"], 1), "ms_per_step": round(r["ms_per_step"], 1),
+                                     "ratio_to_timm_plain": round(r["ratio_to_timm_plain"], 3),
+                                     "peak_memory_mib": round(r["peak_memory_mib"])} for n, r in results.items()}
+        out["config"][model] = {**{k: v for k, v in asdict(base).items() if k != "config"},
+                                "iters_per_round": iters, "rounds": rounds, "configs": list(CONVNET_CONFIGS),
+                                "worker_env": env}
+    out["config"]["statistic"] = "median over rounds of the mean step time within a round"
+    out["config"]["data"] = "random normal images, already on the device; 32 px mask blocks at 0.6"
+    out["wall_seconds"] = time.perf_counter() - t0
+    emit(out, args.out)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker_spec:
         worker_main(Spec(**json.loads(args.worker_spec)))
         return
     device = resolve_device(args.device)
+    if args.suite == "convnets":
+        run_convnet_suite(args, device)
+        return
     base = build_spec(args, device)
     iters = args.iters or (20 if device.type == "cuda" else 2)
     configs = args.configs.split(",") if args.configs else default_configs(device, args.compile, base.precision)

@@ -4,7 +4,8 @@ SimMIM replaces masked patch embeddings with a learnable token right after patch
 before position embeddings and blocks. timm's ``forward_features`` runs both halves in one
 call, so each adapter exposes them separately, composing timm's own submodules (no model
 code is copied): ``embed`` gives the patch tokens, ``encode`` runs the rest and returns a
-feature map (B, C, h, w).
+feature map (B, C, h, w). For ConvNets (ResNet, ResNetV2, ConvNeXt) the stem plays patch
+embedding: its stride-4 output positions are the tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.convnext import ConvNeXt
 from timm.models.eva import Eva
+from timm.models.resnet import ResNet
+from timm.models.resnetv2 import ResNetV2
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
@@ -22,8 +26,10 @@ from torch import nn
 
 from simmim.errors import ConfigError
 from simmim.pos_embed import sincos_2d_pos_embed
+from simmim.visible_norm import VisibleMask, unsupported_norms, use_visible_statistics
 
-SUPPORTED_FAMILIES = "vit_*, deit_*, deit3_*, eva*, swin_* and swinv2_*"
+SUPPORTED_FAMILIES = "vit_*, deit_*, deit3_*, eva*, swin_*, swinv2_*, resnet*, resnetv2_* and convnext_*"
+CONVNET_FAMILIES = ("resnet", "resnetv2", "convnext")
 
 
 class EncoderAdapter(nn.Module):
@@ -54,6 +60,11 @@ class EncoderAdapter(nn.Module):
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Everything after patch embedding; returns the final feature map (B, C, h, w)."""
         raise NotImplementedError
+
+    def encode_masked(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``encode`` for tokens whose masked positions (``mask`` (B, h, w), 1 = masked) hold the
+        mask token. Transformers need nothing more; ConvNets may re-apply the mask per stage."""
+        return self.encode(tokens)
 
     def cls_token_output(self, images: torch.Tensor) -> torch.Tensor:
         """The final class-token feature (B, C); only ViT-family models have one."""
@@ -112,6 +123,102 @@ class SwinAdapter(EncoderAdapter):
         return x.permute(0, 3, 1, 2)  # (B, C, h/8, w/8)
 
 
+class ConvNetAdapter(EncoderAdapter):
+    """timm ConvNets: the stem plays patch embedding, its output positions are the tokens.
+
+    ``embed`` returns the stem output channels-last, (B, h, w, C) with h = H / stem stride (4),
+    so the mask token replaces whole stem positions exactly as it replaces Swin patch tokens.
+    With ``remask`` (``model.convnet_remask``), ``encode_masked`` zeroes the masked positions
+    after every stage but the last (the mask resized to that stage's resolution) and every
+    BatchNorm/GroupNorm after the stem takes its statistics from visible positions only
+    (``simmim.visible_norm``), so the mask pattern does not wash out as it would in dense
+    convolutions. The last stage is left dense: the linear decoder predicts masked pixels
+    from the final map, so masked cells there must carry what the last stage inferred.
+    """
+
+    def __init__(self, model: nn.Module, remask: bool) -> None:
+        stages = self._stage_modules(model)
+        info = list(model.feature_info)  # type: ignore[arg-type]
+        first, last = info[-len(stages)], info[-1]
+        super().__init__(model, int(info[0]["num_chs"]), int(first["reduction"]), int(last["reduction"]))
+        self.remask = remask
+        self.visible = VisibleMask()
+        if remask:
+            after_stem = [*stages, self._final_norm_module()]
+            bad = unsupported_norms(after_stem)
+            if bad:
+                raise ConfigError([f"model.convnet_remask: {type(model).__name__} uses {', '.join(bad)}, which "
+                                   "has no visible-only statistics here; set model.convnet_remask=false"])
+            use_visible_statistics(after_stem, self.visible)
+
+    @staticmethod
+    def _stage_modules(model: Any) -> list[nn.Module]:
+        return list(model.stages)
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        """The feature stages after the stem, in order."""
+        return self._stage_modules(self.model)
+
+    def _final_norm_module(self) -> nn.Module:
+        return nn.Identity()
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        """The stem: (B, 3, H, W) -> (B, C, H/4, W/4)."""
+        return self.model.stem(images)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stem(images).permute(0, 2, 3, 1)  # (B, h, w, C)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens.permute(0, 3, 1, 2)  # (B, C, h, w)
+        for stage in self.stages:
+            x = stage(x)
+        return self._final_norm_module()(x)  # (B, C', h/8, w/8)
+
+    def encode_masked(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not self.remask:
+            return self.encode(tokens)
+        x = tokens.permute(0, 3, 1, 2)  # (B, C, h, w)
+        visible = 1.0 - mask.to(torch.float32).unsqueeze(1)  # (B, 1, h, w), 1 = visible
+        stages = self.stages
+        with self.visible.active(visible):
+            for i, stage in enumerate(stages):
+                x = stage(x)
+                if i < len(stages) - 1:
+                    cells = self.visible.at(x.shape[-2:])  # (B, 1, h_i, w_i)
+                    assert cells is not None
+                    x = x * cells.to(x.dtype)  # masked cells -> 0
+            return self._final_norm_module()(x)  # (B, C', h/8, w/8)
+
+
+class ResNetAdapter(ConvNetAdapter):
+    """timm ``ResNet`` (resnet*): stem = conv1, bn1, act1, maxpool; stages = layer1..layer4."""
+
+    @staticmethod
+    def _stage_modules(model: Any) -> list[nn.Module]:
+        return [model.layer1, model.layer2, model.layer3, model.layer4]
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.maxpool(m.act1(m.bn1(m.conv1(images))))  # (B, C, H/4, W/4)
+
+
+class ResNetV2Adapter(ConvNetAdapter):
+    """timm ``ResNetV2`` (resnetv2_*): pre-activation stages, then the final norm."""
+
+    def _final_norm_module(self) -> nn.Module:
+        return self.model.norm
+
+
+class ConvNeXtAdapter(ConvNetAdapter):
+    """timm ``ConvNeXt`` (convnext_*) built with ``head_norm_first=True``: the final LayerNorm2d
+    (``norm_pre``) normalises the feature map, as Swin's final norm does before the decoder."""
+
+    def _final_norm_module(self) -> nn.Module:
+        return self.model.norm_pre
+
+
 def _check_name(name: str) -> None:
     if timm.is_model(name):
         return
@@ -121,8 +228,15 @@ def _check_name(name: str) -> None:
 
 
 def family_of(name: str) -> str:
-    """'vit', 'eva' or 'swin' for a supported timm model name; ConfigError otherwise."""
+    """'vit', 'eva', 'swin', 'resnet', 'resnetv2' or 'convnext' for a supported timm model name;
+    ConfigError otherwise."""
     _check_name(name)
+    if name.startswith("resnetv2_"):
+        return "resnetv2"
+    if name.startswith("resnet"):
+        return "resnet"
+    if name.startswith("convnext_"):
+        return "convnext"
     if name.startswith("swin"):
         return "swin"
     if name.startswith("eva"):
@@ -144,8 +258,12 @@ def timm_kwargs(
 
     ViTs get ``global_pool='avg'`` without fc_norm, so a plain timm model called on an
     image returns the mean-pooled, normed patch tokens: the same embedding we serve.
+    ConvNets take no image size (any multiple of the stride works); ConvNeXt is built with
+    ``head_norm_first=True`` so its final LayerNorm2d normalises the map before pooling.
     """
     family = family_of(name)
+    if family in CONVNET_FAMILIES:
+        return _convnet_kwargs(name, family, patch_size, window_size, drop_path_rate, extra)
     kwargs: dict[str, Any] = {"num_classes": 0, "img_size": image_size, "global_pool": "avg"}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -165,7 +283,27 @@ def timm_kwargs(
     return kwargs
 
 
-def create_encoder(name: str, *, init: str = "mae", pos_embed: str = "sincos", **kwargs: Any) -> EncoderAdapter:
+def _convnet_kwargs(name: str, family: str, patch_size: int | None, window_size: int | None,
+                    drop_path_rate: float, extra: dict[str, Any] | None) -> dict[str, Any]:
+    problems = []
+    if patch_size is not None:
+        problems.append(f"model.patch_size: {name} is a ConvNet and has no patch size (its stem has stride 4, "
+                        "its total stride is 32); leave it unset")
+    if window_size is not None:
+        problems.append("model.window_size only applies to Swin models")
+    if problems:
+        raise ConfigError(problems)
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "avg"}
+    if family == "convnext":
+        kwargs["head_norm_first"] = True
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    kwargs.update(extra or {})
+    return kwargs
+
+
+def create_encoder(name: str, *, init: str = "mae", pos_embed: str = "sincos", convnet_remask: bool = False,
+                   **kwargs: Any) -> EncoderAdapter:
     """Build a timm model from ``timm_kwargs`` output and wrap it for SimMIM.
 
     Args:
@@ -173,6 +311,8 @@ def create_encoder(name: str, *, init: str = "mae", pos_embed: str = "sincos", *
         init: ``"mae"`` re-initialises ViTs as MAE does (xavier-uniform linears, patch
             projection treated as a linear layer); ``"timm"`` keeps timm's init.
         pos_embed: ``"sincos"`` freezes the ViT position table to 2-D sin-cos values.
+        convnet_remask: ConvNets only: re-apply the mask after every stage with visible-only
+            norm statistics (see ``ConvNetAdapter``). ConvNets keep timm's own initialisation.
         **kwargs: Passed to ``timm.create_model``.
     """
     try:
@@ -191,7 +331,30 @@ def create_encoder(name: str, *, init: str = "mae", pos_embed: str = "sincos", *
         patch = model.patch_embed.patch_size[0]
         cls = EvaAdapter if isinstance(model, Eva) else ViTAdapter
         return cls(model, model.embed_dim, patch, patch)
+    if isinstance(model, ResNet):
+        return ResNetAdapter(model, convnet_remask)
+    if isinstance(model, ResNetV2):
+        return ResNetV2Adapter(model, convnet_remask)
+    if isinstance(model, ConvNeXt):
+        return ConvNeXtAdapter(model, convnet_remask)
     raise ConfigError([f"model.name: {name!r} is not supported for SimMIM (supported: {SUPPORTED_FAMILIES})"])
+
+
+def stage_indices(model: Any) -> list[int]:
+    """The ``forward_intermediates`` index of each block (ViT, EVA) or stage (Swin, ConvNets).
+
+    ResNet and ResNetV2 count the stem as intermediate 0, so their stages are 1..4;
+    ConvNeXt and Swin count stages from 0.
+    """
+    if getattr(model, "blocks", None) is not None:
+        return list(range(len(model.blocks)))
+    if isinstance(model, ResNet):
+        return [1, 2, 3, 4]
+    if isinstance(model, ResNetV2):
+        return list(range(1, len(model.stages) + 1))
+    if isinstance(model, ConvNeXt):
+        return list(range(len(model.stages)))
+    return list(range(len(model.layers)))
 
 
 def _freeze_sincos(model: Any) -> None:

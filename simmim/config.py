@@ -12,12 +12,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from simmim.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CONVNET_REMASK_DEFAULT = False  # re-masking did not measurably help on the digits probe (bench/README.md)
 
 
 class _Section(BaseModel):
@@ -63,6 +72,21 @@ class ModelConfig(_Section):
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for timm.create_model."
     )
+    convnet_remask: bool = Field(
+        default=CONVNET_REMASK_DEFAULT,
+        description="ConvNets (resnet*, resnetv2_*, convnext_*): re-apply the mask after every stage "
+        "but the last, with BatchNorm/GroupNorm statistics from visible positions only. "
+        "Ignored by transformers.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_remask(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Checkpoints written before this field existed must still resume: the engine compares
+        # stored and current model sections, so the field is stored only when it is not the default.
+        data: dict[str, Any] = handler(self)
+        if data.get("convnet_remask") == CONVNET_REMASK_DEFAULT:
+            data.pop("convnet_remask")
+        return data
 
 
 class OptimConfig(_Section):
@@ -105,6 +129,16 @@ class RunConfig(_Section):
     checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
     keep_last: int = Field(default=3, ge=1, le=1000, description="Checkpoints kept besides the final.")
     log_every: int = Field(default=10, ge=1)
+    preview_images: int = Field(
+        default=8, ge=0, le=64,
+        description="Images in the reconstruction preview written at every checkpoint "
+        "(output_dir/previews/step_XXXXXXXX.png); 0 disables previews.",
+    )
+    tensorboard: bool = Field(
+        default=True,
+        description="Also write the logged scalars as TensorBoard events under output_dir/tensorboard "
+        "(skipped with a warning when the tensorboard package is not installed).",
+    )
 
 
 class TrainConfig(_Section):

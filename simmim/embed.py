@@ -1,7 +1,8 @@
 """Embeddings from a trained encoder.
 
-Default: mean-pooled final patch tokens (SimMIM's loss never trains the class token).
-Also available: the class token (ViTs), or any intermediate block/stage mean-pooled.
+Default: mean-pooled final patch tokens (SimMIM's loss never trains the class token); for
+ConvNets the global-average-pooled final feature map. Also available: the class token (ViTs),
+or any intermediate block (ViT) or stage (Swin, ConvNets) mean-pooled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from simmim.backbones import stage_indices
 from simmim.data import EvalTransform, ImageListDataset, ImageSource
 from simmim.errors import ConfigError
 from simmim.export import encoder_from_checkpoint, export_config, find_checkpoint, load_exported
@@ -69,7 +71,7 @@ class Embedder:
             elif pooling == "cls":
                 out = self._cls(x)
             elif pooling == "mean":
-                out = self.model(x)  # global_pool='avg' over patch tokens, see simmim.backbones
+                out = self.model(x)  # global_pool='avg' over patch tokens / positions, see simmim.backbones
             else:
                 raise ConfigError([f"pooling: {pooling!r} is not one of mean, cls"])
         out = out.float()
@@ -83,18 +85,18 @@ class Embedder:
         return self.model.forward_features(x)[:, 0]  # (B, D)
 
     def _layer_features(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        depth = self.num_layers
+        indices = stage_indices(self.model)
+        depth = len(indices)
         if not -depth <= layer < depth:
             raise ConfigError([f"layer: {layer} is out of range for {self.config['timm_name']} "
                                f"(it has {depth} blocks/stages: 0..{depth - 1}, or negative from the end)"])
-        (feat,) = self.model.forward_intermediates(x, indices=[layer % depth], intermediates_only=True)
+        (feat,) = self.model.forward_intermediates(x, indices=[indices[layer]], intermediates_only=True)
         return feat  # (B, C, h, w)
 
     @property
     def num_layers(self) -> int:
-        """Blocks (ViT) or stages (Swin) addressable with ``layer``."""
-        blocks = getattr(self.model, "blocks", None)
-        return len(blocks) if blocks is not None else len(self.model.layers)
+        """Blocks (ViT) or stages (Swin, ConvNets) addressable with ``layer``."""
+        return len(stage_indices(self.model))
 
     def embed_source(self, source: ImageSource, batch_size: int = 64, num_workers: int = 0,
                      pooling: Pooling = "mean", layer: int | None = None, normalize: bool = False,

@@ -5,7 +5,7 @@ The export loads with no code of ours::
     cfg = json.load(open("config.json"))
     model = timm.create_model(cfg["timm_name"], pretrained=False, **cfg["timm_kwargs"])
     model.load_state_dict(safetensors.torch.load_file("encoder.safetensors"))
-    embedding = model(images)   # mean-pooled patch tokens, as served
+    embedding = model(images)   # mean-pooled patch tokens (ConvNets: pooled final map), as served
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from simmim.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from simmim.backbones import CONVNET_FAMILIES, family_of
 from simmim.checkpoint import CheckpointInfo, CheckpointManager
 from simmim.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig
 from simmim.errors import CheckpointError
@@ -48,11 +49,17 @@ def export_config(cfg: TrainConfig, weights_sha256: str) -> dict[str, Any]:
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "pooling": "mean",
-        "pooling_note": "model(x) returns the final-norm patch tokens averaged (no class token)",
+        "pooling_note": _pooling_note(cfg.model.name),
         "weights": WEIGHTS,
         "weights_sha256": weights_sha256,
         "experiment": cfg.experiment_name,
     }
+
+
+def _pooling_note(name: str) -> str:
+    if family_of(name) in CONVNET_FAMILIES:
+        return "model(x) returns the final feature map averaged over positions (global average pooling)"
+    return "model(x) returns the final-norm patch tokens averaged (no class token)"
 
 
 def load_exported(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -23,12 +23,14 @@ class MaskGenerator:
         model_patch_size: Side in pixels of one token of the encoder's first stage
             (16 for ViT-B/16, 4 for Swin).
         mask_ratio: Fraction of blocks to mask (paper default 0.6).
+        feature_stride: ConvNets: the total stride (32); blocks must be a multiple of it.
     """
 
     def __init__(
-        self, input_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float
+        self, input_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float,
+        feature_stride: int | None = None,
     ) -> None:
-        problems = check_mask_geometry(input_size, mask_patch_size, model_patch_size, mask_ratio)
+        problems = check_mask_geometry(input_size, mask_patch_size, model_patch_size, mask_ratio, feature_stride)
         if problems:
             raise ConfigError(problems)
         self.input_size = input_size
@@ -55,16 +57,35 @@ class MaskGenerator:
 
 
 def check_mask_geometry(
-    input_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float
+    input_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float,
+    feature_stride: int | None = None,
 ) -> list[str]:
-    """Every reason these sizes cannot make a SimMIM mask (empty list when they can)."""
+    """Every reason these sizes cannot make a SimMIM mask (empty list when they can).
+
+    ``feature_stride`` (ConvNets: the total stride, 32) adds two rules: the image must tile
+    into final-map cells, and each mask block must cover whole cells, so that the mask holds
+    exactly at every stage's resolution.
+    """
     problems = []
-    if input_size % mask_patch_size != 0:
+    if feature_stride is not None:
+        if input_size % feature_stride != 0:
+            problems.append(
+                f"image_size ({input_size}) is not divisible by the ConvNet's total stride ({feature_stride}); "
+                f"try image_size={max(1, round(input_size / feature_stride)) * feature_stride}"
+            )
+        if mask_patch_size % feature_stride != 0:
+            problems.append(
+                f"mask_patch_size ({mask_patch_size}) must be a multiple of the ConvNet's total stride "
+                f"({feature_stride}) so every masked block covers whole cells of the final feature map; "
+                f"use {feature_stride} (or {2 * feature_stride}, ...)"
+            )
+    stride_problems = bool(problems)  # the block rules below would only restate them
+    if not stride_problems and input_size % mask_patch_size != 0:
         problems.append(
             f"image_size ({input_size}) is not divisible by mask_patch_size ({mask_patch_size}); "
             f"try image_size={max(1, round(input_size / mask_patch_size)) * mask_patch_size}"
         )
-    if mask_patch_size % model_patch_size != 0:
+    if not stride_problems and mask_patch_size % model_patch_size != 0:
         problems.append(
             f"mask_patch_size ({mask_patch_size}) is not divisible by the model's patch size "
             f"({model_patch_size}); use a multiple of {model_patch_size}"

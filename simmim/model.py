@@ -1,7 +1,8 @@
 """The SimMIM model: a timm encoder, a learnable mask token and a one-layer decoder.
 
-Follows Xie et al. 2021 and microsoft/SimMIM: masked patch embeddings are replaced by the
-mask token before position embeddings and blocks (pixels are never zeroed); the decoder is
+Follows Xie et al. 2021 and microsoft/SimMIM: masked patch embeddings (for ConvNets, stem
+output positions) are replaced by the mask token before position embeddings and blocks
+(pixels are never zeroed); the decoder is
 a 1x1 convolution to ``stride**2 * 3`` channels plus PixelShuffle(stride); the loss is L1 on
 masked pixels of the normalised input.
 """
@@ -15,7 +16,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from simmim.backbones import EncoderAdapter, create_encoder, timm_kwargs
+from simmim.backbones import ConvNetAdapter, EncoderAdapter, create_encoder, timm_kwargs
 from simmim.config import ModelConfig
 from simmim.errors import CheckpointError
 from simmim.loss import masked_l1_loss
@@ -53,7 +54,7 @@ class SimMIM(nn.Module):
         """Loss and reconstruction (B, 3, H, W) for normalised images (B, 3, H, W)."""
         tokens = self.encoder.embed(images)
         tokens = self.mask_tokens(tokens, mask)
-        features = self.encoder.encode(tokens)  # (B, C, H/s, W/s)
+        features = self.encoder.encode_masked(tokens, mask)  # (B, C, H/s, W/s)
         reconstruction = self.decoder(features)  # (B, 3, H, W)
         loss = masked_l1_loss(reconstruction, images, mask, self.encoder.patch_size)
         return loss, reconstruction
@@ -82,7 +83,8 @@ def encoder_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 def build_model(cfg: ModelConfig) -> SimMIM:
     """Build SimMIM for ``cfg``; checks that the mask geometry fits the encoder."""
-    encoder = create_encoder(cfg.name, pos_embed=cfg.pos_embed, **encoder_kwargs(cfg))
+    encoder = create_encoder(cfg.name, pos_embed=cfg.pos_embed, convnet_remask=cfg.convnet_remask,
+                             **encoder_kwargs(cfg))
     build_mask_generator(cfg, encoder)
     if cfg.init_checkpoint:
         load_encoder_weights(encoder.model, cfg.init_checkpoint)
@@ -90,8 +92,14 @@ def build_model(cfg: ModelConfig) -> SimMIM:
 
 
 def build_mask_generator(cfg: ModelConfig, encoder: EncoderAdapter) -> MaskGenerator:
-    """The mask generator matching ``cfg`` and the encoder's token size."""
-    return MaskGenerator(cfg.image_size, cfg.mask_patch_size, encoder.patch_size, cfg.mask_ratio)
+    """The mask generator matching ``cfg`` and the encoder's token size.
+
+    For ConvNets the mask blocks must also tile the final feature map (multiples of the total
+    stride), so every cell of every stage is either wholly masked or wholly visible.
+    """
+    feature_stride = encoder.stride if isinstance(encoder, ConvNetAdapter) else None
+    return MaskGenerator(cfg.image_size, cfg.mask_patch_size, encoder.patch_size, cfg.mask_ratio,
+                         feature_stride=feature_stride)
 
 
 def load_encoder_weights(model: nn.Module, path: str | Path) -> None:

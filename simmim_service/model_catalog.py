@@ -1,5 +1,9 @@
 """Which timm models SimMIM supports, with their patch size and stride, readable without torch.
 
+``patch_size`` is the side in pixels of one token where the mask token is substituted: the
+patch size for transformers, the stem's stride (4) for ConvNets; ``stride`` is the total
+stride of the final feature map (the decoder's PixelShuffle factor, 32 for Swin and ConvNets).
+
 The API validates specs without importing torch or timm, so the facts it needs live in
 ``model_catalog.json``. Regenerate it after a timm upgrade::
 
@@ -17,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 CATALOG_PATH = Path(__file__).with_name("model_catalog.json")
-PATTERNS = ("vit_*", "deit*", "eva*", "swin*")
+PATTERNS = ("vit_*", "deit*", "eva*", "swin*", "resnet*", "convnext_*")
 SUPPORTED_CLASSES = {"VisionTransformer": "vit", "VisionTransformerDistilled": "vit", "Eva": "eva",
-                     "SwinTransformer": "swin", "SwinTransformerV2": "swin"}
+                     "SwinTransformer": "swin", "SwinTransformerV2": "swin",
+                     "ResNet": "resnet", "ResNetV2": "resnetv2", "ConvNeXt": "convnext"}
+CONVNET_FAMILIES = ("resnet", "resnetv2", "convnext")
 
 
 @cache
@@ -51,10 +57,32 @@ def describe(name: str) -> dict[str, Any] | None:
     family = SUPPORTED_CLASSES.get(type(model).__name__)
     if family is None:
         return None
+    if family in CONVNET_FAMILIES:
+        return _describe_convnet(name, family)
     patch = int(model.patch_embed.patch_size[0])
     stride = int(model.feature_info[-1]["reduction"]) if family == "swin" else patch
     return {"family": family, "patch_size": patch, "stride": stride,
             "image_size": int(model.patch_embed.img_size[0])}
+
+
+def _describe_convnet(name: str, family: str) -> dict[str, Any] | None:
+    """Geometry of a ConvNet as our adapter sees it; None when it cannot be built with the
+    default ``model.convnet_remask`` (if re-masking were the default, EvoNorm and
+    FilterResponseNorm models would be left out: they have no visible-only statistics)."""
+    import torch
+
+    from simmim.backbones import create_encoder, timm_kwargs
+    from simmim.config import CONVNET_REMASK_DEFAULT
+    from simmim.errors import ConfigError
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        try:
+            encoder = create_encoder(name, convnet_remask=CONVNET_REMASK_DEFAULT, **timm_kwargs(name, 224))
+        except ConfigError:
+            return None
+    return {"family": family, "patch_size": encoder.patch_size, "stride": encoder.stride,
+            "image_size": int(encoder.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])}
 
 
 def build_catalog() -> dict[str, Any]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 
-from simmim.config import TrainConfig, format_validation_error
+from simmim.config import CONVNET_REMASK_DEFAULT, TrainConfig, format_validation_error
 from simmim.masking import check_mask_geometry
 from simmim_service import model_catalog
 from simmim_service.settings import Settings
@@ -25,7 +25,8 @@ class TrainingSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(default="vit_base_patch16_224", description="A timm ViT, DeiT, EVA or Swin name")
+    model: str = Field(default="vit_base_patch16_224",
+                       description="A timm ViT, DeiT, EVA, Swin, ResNet (resnet*, resnetv2_*) or ConvNeXt name")
     image_size: int = Field(default=224, ge=16, le=4096)
     patch_size: int | None = Field(default=None, ge=1, le=64, description="ViT patch size override")
     mask_patch_size: int = Field(default=32, ge=1, le=1024)
@@ -50,6 +51,23 @@ class TrainingSpec(BaseModel):
     keep_last: int = Field(default=3, ge=1, le=100)
     num_workers: int | None = Field(default=None, ge=0, le=64, description="Data loader processes")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra timm.create_model kwargs")
+    convnet_remask: bool = Field(
+        default=CONVNET_REMASK_DEFAULT,
+        description="ConvNets only: re-apply the mask after every stage but the last, with norm statistics "
+                    "from visible positions (SparK-style, dense ops)")
+
+
+class WebhookSpec(BaseModel):
+    """Where to POST the job's terminal event (succeeded, failed, cancelled), and the signing key.
+
+    The secret is write-only: stored to sign deliveries, never returned or logged.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: HttpUrl = Field(description="http:// or https:// URL; the API process sends the POST itself")
+    secret: str = Field(min_length=16, max_length=256, repr=False, json_schema_extra={"writeOnly": True},
+                        description="Key of the HMAC-SHA256 signature in X-SimMIM-Signature (write-only)")
 
 
 class JobCreate(BaseModel):
@@ -71,6 +89,7 @@ class JobCreate(BaseModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     name: str | None = Field(default=None, max_length=200)
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=50)
+    webhook: WebhookSpec | None = Field(default=None, description="Signed POST when the job ends")
 
 
 def train_config(training: TrainingSpec, *, source: str, output_dir: str, device: str = "auto") -> TrainConfig:
@@ -80,7 +99,7 @@ def train_config(training: TrainingSpec, *, source: str, output_dir: str, device
         "data": {"source": source, "num_workers": t.num_workers},
         "model": {"name": t.model, "image_size": t.image_size, "patch_size": t.patch_size,
                   "mask_patch_size": t.mask_patch_size, "mask_ratio": t.mask_ratio,
-                  "model_kwargs": t.model_kwargs},
+                  "model_kwargs": t.model_kwargs, "convnet_remask": t.convnet_remask},
         "optim": {"batch_size": t.batch_size, "accumulation_steps": t.accumulation_steps,
                   "base_lr": t.base_lr, "weight_decay": t.weight_decay, "epochs": t.epochs,
                   "max_steps": t.max_steps, "warmup_epochs": t.warmup_epochs, "warmup_steps": t.warmup_steps},
@@ -100,11 +119,18 @@ def check_training(t: TrainingSpec) -> list[Problem]:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         return [{"field": "training.model", "message": f"unknown or unsupported timm model {t.model!r}{hint}"}]
     problems: list[Problem] = []
+    convnet = entry["family"] in model_catalog.CONVNET_FAMILIES
     if entry["family"] == "swin" and t.patch_size is not None:
         problems.append({"field": "training.patch_size", "message": "Swin models keep their 4 px patches"})
-    patch = t.patch_size or entry["patch_size"]
-    for message in check_mask_geometry(t.image_size, t.mask_patch_size, patch, t.mask_ratio):
-        problems.append({"field": "training.mask_patch_size", "message": message})
+    if convnet and t.patch_size is not None:
+        problems.append({"field": "training.patch_size",
+                         "message": f"{t.model} is a ConvNet and has no patch size (stem stride "
+                                    f"{entry['patch_size']}, total stride {entry['stride']}); leave it unset"})
+    patch = entry["patch_size"] if convnet else t.patch_size or entry["patch_size"]
+    feature_stride = entry["stride"] if convnet else None
+    for message in check_mask_geometry(t.image_size, t.mask_patch_size, patch, t.mask_ratio, feature_stride):
+        field = "training.image_size" if message.startswith("image_size") and convnet else "training.mask_patch_size"
+        problems.append({"field": field, "message": message})
     if entry["family"] == "swin" and t.image_size % 32 != 0:
         problems.append({"field": "training.image_size",
                          "message": f"Swin needs image_size divisible by 32, got {t.image_size}"})

@@ -118,6 +118,6 @@ def test_unknown_and_unsupported_models_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="did you mean"):
         build_model(ModelConfig(name="vit_tiny_patch16_2244", image_size=64))
     with pytest.raises(ConfigError, match="not supported"):
-        build_model(ModelConfig(name="resnet18", image_size=64))
+        build_model(ModelConfig(name="efficientnet_b0", image_size=64))
     with pytest.raises(ConfigError, match="mask_patch_size"):
         build_model(ModelConfig(name="vit_tiny_patch16_224", image_size=96, mask_patch_size=24))
