@@ -2,7 +2,8 @@
 
 ``uvicorn --factory api.main:app_factory`` reads ``SIMMIM_*`` settings when it starts (never
 at import). The lifespan opens the job store, brings its schema up to date and runs the
-reaper (lost workers and lost task messages, see ``simmim_service.reaper``).
+reaper (lost workers and lost task messages, see ``simmim_service.reaper``) and the webhook
+deliverer (``simmim_service.webhooks``). The dashboard page is served at ``/``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from api.errors import UnexpectedErrorMiddleware, install_error_handlers, proble
 from api.observability import Instruments, MetricsMiddleware
 from api.openapi import install_openapi
 from api.rate_limit import RateLimitMiddleware
-from api.routes import checkpoints, embeddings, events, health, jobs
+from api.routes import checkpoints, dashboard, embeddings, events, health, jobs, neighbours
+from api.routes import previews as preview_routes
 from jobstore.db import make_engine, migrate, session_factory
 from simmim_service.artifacts import ArtifactStore
 from simmim_service.reaper import Reaper
 from simmim_service.settings import Settings
+from simmim_service.webhooks import WebhookDeliverer
 
 DESCRIPTION = """Self-supervised pretraining of timm image encoders with SimMIM, as a service.
 Errors are RFC 9457 `application/problem+json`. Authenticate with `Authorization: Bearer <key>`."""
@@ -40,9 +43,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.embed_slots = anyio.CapacityLimiter(EMBED_CONCURRENCY)
     reaper = Reaper(settings, app.state.sessions, app.state.dispatcher.enqueue_pretrain)
     reaper.start()
+    webhooks = WebhookDeliverer(settings, app.state.sessions)  # signed POSTs of terminal events
+    webhooks.start()
     try:
         yield
     finally:
+        webhooks.stop()
         reaper.stop()
         app.state.sessions = None
         engine.dispose()
@@ -61,8 +67,9 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     app.state.artifacts = ArtifactStore(settings.artifact_root, settings.artifact_storage_options)
     app.state.sessions = None
     app.state.instruments = Instruments(lambda: app.state.sessions)
-    for module in (jobs, events, checkpoints, embeddings, health):
+    for module in (jobs, events, checkpoints, embeddings, neighbours, health, dashboard):
         app.include_router(module.router)
+    app.include_router(preview_routes.router)
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(UnexpectedErrorMiddleware)  # innermost: a 500 keeps the connection

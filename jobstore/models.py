@@ -76,6 +76,8 @@ class Job(Base):
     """When the task was last sent to the broker (the reaper re-sends lost ones)."""
     overrides: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)
     """Training settings the service changed to keep the job running (OOM backoff)."""
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """``{url, secret}`` of ``JobCreate.webhook``; terminal changes queue a ``WebhookDelivery``."""
 
     __table_args__ = (Index("ix_jobs_tenant_idem", "tenant", "idempotency_key", unique=True),)
 
@@ -155,3 +157,25 @@ class EmbeddingRun(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class WebhookDelivery(Base):
+    """Outbox row: one signed POST of a job's terminal event, written in the same transaction.
+
+    ``status`` is ``pending`` (due at ``next_attempt_at``), ``delivered`` or ``failed`` (gave up).
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    delivered_at: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)

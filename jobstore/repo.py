@@ -13,7 +13,15 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from jobstore.ids import new_id
-from jobstore.models import Attempt, Checkpoint, EmbeddingRun, Job, JobEvent, MetricPoint
+from jobstore.models import (
+    Attempt,
+    Checkpoint,
+    EmbeddingRun,
+    Job,
+    JobEvent,
+    MetricPoint,
+    WebhookDelivery,
+)
 from jobstore.states import TERMINAL, JobStatus, can_transition
 
 
@@ -47,7 +55,7 @@ def _now() -> datetime:
 
 def create_job(session: Session, *, tenant: str, spec: dict[str, Any], name: str | None = None,
                metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
-               request_hash: str | None = None) -> tuple[Job, bool]:
+               request_hash: str | None = None, webhook: dict[str, Any] | None = None) -> tuple[Job, bool]:
     """Insert a queued job; with a known idempotency key return the earlier job instead.
 
     Returns (job, created).
@@ -61,7 +69,7 @@ def create_job(session: Session, *, tenant: str, spec: dict[str, Any], name: str
             return existing, False
     job = Job(id=new_id("job"), tenant=tenant, name=name, status=JobStatus.QUEUED, spec=spec,
               meta=metadata or {}, idempotency_key=idempotency_key, request_hash=request_hash,
-              attempt=0, cancel_requested=False, progress={}, latest_metrics={})
+              attempt=0, cancel_requested=False, progress={}, latest_metrics={}, webhook=webhook or None)
     session.add(job)
     session.flush()
     add_event(session, job_id=job.id, type="status", data={"status": job.status, "attempt": 0})
@@ -109,6 +117,70 @@ def _set_status(session: Session, job: Job, target: JobStatus, **fields: Any) ->
     if job.error_code:
         data["error"] = {"code": job.error_code, "message": job.error_message}
     add_event(session, job_id=job.id, type="status", data=data)
+    if target in TERMINAL and job.webhook:
+        _queue_webhook(session, job)
+
+
+def _queue_webhook(session: Session, job: Job) -> WebhookDelivery:
+    """Outbox row for the job's terminal event, in the caller's transaction (sent by the API)."""
+    delivery_id = new_id("whd")
+    now = _now()
+    error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
+    payload = {
+        "id": delivery_id, "type": f"job.{job.status}", "created_at": now.isoformat(),
+        "data": {"job_id": job.id, "name": job.name, "status": str(job.status), "error": error,
+                 "progress": job.progress or {}, "latest_metrics": job.latest_metrics or {},
+                 "attempt": job.attempt, "metadata": job.meta or {},
+                 "finished_at": job.finished_at.isoformat() if job.finished_at else None},
+    }
+    row = WebhookDelivery(id=delivery_id, job_id=job.id, event=payload["type"], payload=payload,
+                          status="pending", attempts=0, next_attempt_at=now, created_at=now)
+    session.add(row)
+    return row
+
+
+def claim_webhook_deliveries(session: Session, *, now: datetime, lease: timedelta,
+                             limit: int = 20) -> list[tuple[WebhookDelivery, dict[str, Any]]]:
+    """Due pending deliveries with their job's webhook (``{url, secret}``), claimed for ``lease``.
+
+    Claiming pushes ``next_attempt_at`` past the send, so another API process (or this one
+    after a crash) only retries a delivery whose sender vanished. Rows another process holds
+    are skipped (PostgreSQL ``FOR UPDATE SKIP LOCKED``).
+    """
+    rows = list(session.scalars(
+        select(WebhookDelivery).where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+        .order_by(WebhookDelivery.next_attempt_at).limit(limit).with_for_update(skip_locked=True)))
+    claimed = []
+    for row in rows:
+        job = session.get(Job, row.job_id)
+        if job is None or not job.webhook:
+            row.status, row.next_attempt_at, row.last_error = "failed", None, "the job has no webhook"
+            continue
+        row.next_attempt_at = now + lease
+        claimed.append((row, dict(job.webhook)))
+    return claimed
+
+
+def record_webhook_attempt(session: Session, *, delivery_id: str, error: str | None,
+                           retry_at: datetime | None) -> WebhookDelivery:
+    """Count one try: delivered (``error`` None), due again at ``retry_at``, or given up (both None)."""
+    row = session.get(WebhookDelivery, delivery_id)
+    if row is None:
+        raise StoreError(f"webhook delivery {delivery_id!r} not found")
+    row.attempts += 1
+    row.last_error = error
+    if error is None:
+        row.status, row.delivered_at, row.next_attempt_at = "delivered", _now(), None
+    elif retry_at is not None:
+        row.next_attempt_at = retry_at
+    else:
+        row.status, row.next_attempt_at = "failed", None
+    return row
+
+
+def list_webhook_deliveries(session: Session, *, job_id: str) -> list[WebhookDelivery]:
+    return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+                                .order_by(WebhookDelivery.created_at, WebhookDelivery.id)))
 
 
 def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
@@ -338,6 +410,13 @@ def create_embedding_run(session: Session, *, job_id: str, dataset: str, options
 
 def get_embedding_run(session: Session, *, job_id: str, run_id: str) -> EmbeddingRun | None:
     return session.scalar(select(EmbeddingRun).where(EmbeddingRun.job_id == job_id, EmbeddingRun.id == run_id))
+
+
+def embedding_runs_of(session: Session, *, job_id: str, dataset: str) -> list[EmbeddingRun]:
+    """The job's embedding runs of ``dataset``, newest first."""
+    return list(session.scalars(select(EmbeddingRun).where(EmbeddingRun.job_id == job_id,
+                                                           EmbeddingRun.dataset == dataset)
+                                .order_by(EmbeddingRun.created_at.desc(), EmbeddingRun.id.desc())))
 
 
 def update_embedding_run(session: Session, *, run_id: str, **fields: Any) -> EmbeddingRun:

@@ -3,6 +3,11 @@
 Every sample is a pure function of (seed, epoch, index) and the sampler's order of
 (seed, epoch), so resuming at step ``s`` only needs the weights, the optimiser state, the
 RNG states and ``s``: an interrupted-and-resumed run reproduces the uninterrupted one.
+
+The main process also writes ``metrics.jsonl`` (and TensorBoard events under ``tensorboard/``
+when ``run.tensorboard``) and, at every checkpoint, a reconstruction preview
+``previews/step_XXXXXXXX.png`` of ``run.preview_images`` fixed images (:mod:`simmim.preview`);
+neither touches the training RNG streams.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from simmim.checkpoint import CheckpointInfo, CheckpointManager, rng_state, set_
 from simmim.config import TrainConfig, scaled_lr, total_steps, warmup_steps
 from simmim.errors import CheckpointError, NonFiniteLossError
 from simmim.export import export_encoder
-from simmim.metrics_log import MetricsLog
+from simmim.masking import MaskGenerator
+from simmim.metrics_log import MetricsLog, TensorBoardLog, open_tensorboard
 from simmim.model import build_mask_generator, build_model
+from simmim.preview import PREVIEW_DIR, PreviewBatch, preview_batch, write_preview
 from simmim.runtime import Runtime, setup_runtime, teardown_runtime
 from simmim.schedule import get_lr
 from simmim.train_data import TrainData, build_train_data
@@ -116,6 +123,8 @@ class _Trainer:
         )
         self.ckpts = CheckpointManager(self.out / "checkpoints", keep_last=cfg.run.keep_last)
         self.metrics = MetricsLog(self.out / "metrics.jsonl") if rt.is_main else None
+        self.tensorboard: TensorBoardLog | None = None  # opened by run(), once the resume step is known
+        self.preview = self._preview_batch(mask_gen) if rt.is_main else None
         self.step_fn = self._wrap_model()
         self.step = 0
         self.skipped = 0
@@ -136,6 +145,15 @@ class _Trainer:
         if self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+            if self.cfg.run.tensorboard:
+                self.tensorboard = open_tensorboard(self.out / "tensorboard", self.step)
+        try:
+            return self._run(resumed_from)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _run(self, resumed_from: int | None) -> TrainResult:
         loss, stopped, last_ckpt = self._loop()
         last_ckpt = last_ckpt or self.resumed
         if stopped or self.step < self.total:
@@ -225,8 +243,11 @@ class _Trainer:
         ips, wait = meter.window()
         eta = (self.total - self.step) * self.images_per_step / ips if ips > 0 else float("nan")
         progress = Progress(self.step, self.total, epoch, loss, lr, ips, wait, eta, self.skipped)
+        scalars = {"loss": loss, "lr": lr, "images_per_sec": ips, "data_wait_fraction": wait}
         if self.metrics is not None:
-            self.metrics.write(self.step, loss=loss, lr=lr, images_per_sec=ips, data_wait_fraction=wait)
+            self.metrics.write(self.step, **scalars)
+        if self.tensorboard is not None:
+            self.tensorboard.write(self.step, **scalars)
         if self.on_progress is not None:
             self.on_progress(progress)
 
@@ -243,11 +264,38 @@ class _Trainer:
 
     def _checkpoint(self, final: bool) -> CheckpointInfo | None:
         info = self.ckpts.save(self._state(), self.step, final=final) if self.rt.is_main else None
+        if self.rt.is_main:
+            self._write_preview()
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
         if self.rt.distributed:
             torch.distributed.barrier()
         if info is not None and self.on_checkpoint is not None:
             self.on_checkpoint(info)
         return info
+
+    def _preview_batch(self, mask_gen: MaskGenerator) -> PreviewBatch | None:
+        """The fixed images and masks of this run's previews (None when previews are off)."""
+        count = self.cfg.run.preview_images
+        if count == 0:
+            return None
+        augment = self.data.dataset.augment
+        try:
+            return preview_batch(self.data.dataset.source, self.cfg.model.image_size, mask_gen, count,
+                                 self.cfg.run.seed, augment.mean, augment.std)
+        except Exception as err:  # a preview must never stop training
+            log.warning("reconstruction previews are off for this run: %s", err)
+            return None
+
+    def _write_preview(self) -> None:
+        """``previews/step_XXXXXXXX.png`` of the live model (RNG states and train mode untouched)."""
+        if self.preview is None:
+            return
+        try:
+            write_preview(self.model, self.preview, self.out / PREVIEW_DIR, self.step, self.rt.device)
+        except Exception as err:  # a preview must never stop training
+            log.warning("could not write the reconstruction preview at step %d: %s", self.step, err,
+                        exc_info=True)
 
     def _resume(self) -> int | None:
         info = self.ckpts.latest_valid()

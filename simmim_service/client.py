@@ -162,6 +162,71 @@ class SimMIMClient:
         result: dict[str, Any] = self._json(self.http.post(f"/v1/jobs/{job_id}/embeddings", json=body))
         return result
 
+    def previews(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's reconstruction previews, oldest first: ``{name, step, width, height, url}``."""
+        result: list[dict[str, Any]] = self._json(self.http.get(f"/v1/jobs/{job_id}/previews"))["data"]
+        return result
+
+    def preview(self, job_id: str, name: str) -> bytes:
+        """One preview grid as PNG bytes (``name`` as listed, e.g. ``step_00000010.png``)."""
+        return self._bytes(self.http.get(f"/v1/jobs/{job_id}/previews/{name}"))
+
+    def plot(self, job_id: str, keys: list[str] | tuple[str, ...] = ("loss", "lr", "images_per_sec"),
+             width: int | None = None, height: int | None = None) -> bytes:
+        """A PNG with one panel per metric over steps."""
+        params: dict[str, Any] = {"keys": ",".join(keys)}
+        params |= {k: v for k, v in (("width", width), ("height", height)) if v is not None}
+        return self._bytes(self.http.get(f"/v1/jobs/{job_id}/plot.png", params=params))
+
+    def _bytes(self, response: httpx.Response) -> bytes:
+        if response.status_code >= 400:
+            self._json(response)  # raises APIError
+        return response.content
+
+    def start_embedding_run(self, job_id: str, dataset: str, pooling: str = "mean", layer: int | None = None,
+                            normalize: bool = False) -> dict[str, Any]:
+        """Queue the embedding of every image of ``dataset`` with the job's encoder; returns the run."""
+        body: dict[str, Any] = {"dataset": dataset, "pooling": pooling, "normalize": normalize}
+        if layer is not None:
+            body["layer"] = layer
+        result: dict[str, Any] = self._json(self.http.post(f"/v1/jobs/{job_id}/embedding-runs", json=body))
+        return result
+
+    def embedding_run(self, job_id: str, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(self.http.get(f"/v1/jobs/{job_id}/embedding-runs/{run_id}"))
+        return result
+
+    def wait_embedding_run(self, job_id: str, run_id: str, timeout: float = 3600.0,
+                           poll: float = 1.0) -> dict[str, Any]:
+        """Poll until the run has succeeded or failed (or ``timeout``); returns the run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.embedding_run(job_id, run_id)
+            if run["status"] in TERMINAL or time.monotonic() > deadline:
+                return run
+            time.sleep(poll)
+
+    def neighbours(self, job_id: str, files: list[Path], k: int = 5, run_id: str | None = None) -> dict[str, Any]:
+        """For each local image, the ``k`` most similar images of the job's dataset (cosine).
+
+        Needs a succeeded embedding run of the job's dataset (``start_embedding_run``); each
+        neighbour has ``index``, ``name``, ``score`` and ``thumbnail_url`` (see ``dataset_image``).
+        """
+        params: dict[str, Any] = {"k": k}
+        if run_id is not None:
+            params["run_id"] = run_id
+        parts = [("files", (Path(f).name, Path(f).read_bytes(), "application/octet-stream")) for f in files]
+        result: dict[str, Any] = self._json(self.http.post(f"/v1/jobs/{job_id}/neighbours", params=params,
+                                                           files=parts))
+        return result
+
+    def dataset_image(self, job_id: str, index: int, run_id: str | None = None, size: int = 128) -> bytes:
+        """Image ``index`` of an embedding run's ``files.txt`` as a small PNG."""
+        params: dict[str, Any] = {"size": size}
+        if run_id is not None:
+            params["run_id"] = run_id
+        return self._bytes(self.http.get(f"/v1/jobs/{job_id}/dataset-images/{index}", params=params))
+
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[Event]:
     event_id: str | None = None

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=60, ge=1, description="Requests a key may send at once above the rate")
     max_active_jobs_per_tenant: int = Field(
         default=20, ge=1, description="Jobs a tenant may have queued or running at once")
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, description="Tries to deliver one webhook event before giving up")
+    webhook_backoff_s: float = Field(
+        default=10.0, gt=0, description="Wait before the first webhook retry; doubled after each failure "
+                                        "(at most an hour)")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Seconds one webhook POST may take")
 
     @property
     def is_local_artifacts(self) -> bool:

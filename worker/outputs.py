@@ -23,6 +23,10 @@ from simmim_service.artifacts import ArtifactStore, job_prefix
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = re.compile(r"^ckpt_\d{8,}\.(pt|json)$")
 """The names :class:`simmim.checkpoint.CheckpointManager` writes (and prunes)."""
+PREVIEW_DIR = "previews"
+"""Where the engine writes ``step_XXXXXXXX.png`` (:data:`simmim.preview.PREVIEW_DIR`; not imported:
+that module imports torch, and this one runs in the worker's parent process)."""
+TENSORBOARD_DIR = "tensorboard"
 
 
 class JobOutputs:
@@ -65,6 +69,34 @@ class JobOutputs:
         if not self.store.is_local:
             self.drop_pruned(pt_file.parent)
         return key
+
+    def publish_preview(self, step: int) -> str | None:
+        """Upload the reconstruction preview of ``step`` (``previews/step_XXXXXXXX.png``) if the
+        engine wrote one; returns its key. A failed upload is logged, never raised."""
+        path = self.directory / PREVIEW_DIR / f"step_{step:08d}.png"
+        if not path.is_file():
+            return None
+        try:
+            return self.publish(path)
+        except Exception as err:  # any driver error: a missing preview must not fail the job
+            log.warning("could not upload the preview %s to the artifact store: %s", path.name, err)
+            return None
+
+    def publish_tensorboard(self) -> list[str]:
+        """Upload the TensorBoard event files (``tensorboard/``); returns their keys.
+
+        Best effort, like previews: a failure is logged and the keys uploaded so far returned.
+        """
+        folder = self.directory / TENSORBOARD_DIR
+        keys: list[str] = []
+        if not folder.is_dir():
+            return keys
+        try:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                keys.append(self.publish(path))
+        except Exception as err:  # any driver error
+            log.warning("could not upload the TensorBoard events to the artifact store: %s", err)
+        return keys
 
     def drop_pruned(self, checkpoints: Path) -> list[str]:
         """Delete the store's checkpoint files of this job that ``checkpoints`` no longer holds.

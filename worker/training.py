@@ -235,6 +235,7 @@ class PretrainAttempt:
         if self._is_recorded(key, info.sha256):
             return
         self._still_mine()  # a superseded attempt must not overwrite the new one's files
+        self.outputs.publish_preview(info.step)
         self.outputs.publish_checkpoint(info.path)
         self._record(key, step=info.step, sha256=info.sha256, size=info.size, final=info.final,
                      kind="checkpoint")
@@ -284,6 +285,7 @@ class PretrainAttempt:
         for name in ("config.json", "metrics.jsonl"):
             if (self.outputs.directory / name).is_file():
                 self.outputs.publish(self.outputs.directory / name)
+        self.outputs.publish_tensorboard()
         if result.encoder_dir is None:
             return
         weights = Path(result.encoder_dir) / "encoder.safetensors"

@@ -134,7 +134,7 @@ def _insert(session: Session, *, tenant: str, body: JobCreate, idempotency_key: 
     job, created = repo.create_job(
         session, tenant=tenant, spec=body.model_dump(mode="json", include={"dataset", "training"}),
         name=body.name, metadata=dict(body.metadata), idempotency_key=idempotency_key,
-        request_hash=request_hash(body))
+        request_hash=request_hash(body), webhook=body.webhook.model_dump(mode="json") if body.webhook else None)
     session.commit()
     return job, created
 

@@ -13,7 +13,8 @@ import pytest
 from fastapi.routing import APIRoute
 
 from api.main import create_app
-from api.routes import checkpoints, embeddings, events, health, jobs
+from api.routes import checkpoints, embeddings, events, health, jobs, neighbours
+from api.routes import previews as preview_routes
 from tests.api.conftest import make_settings
 from tests.api.fakes import FakeDispatcher
 
@@ -45,6 +46,9 @@ ROUTES = {
     ("GET", "/v1/jobs/{job_id}/embedding-runs/{run_id}"), ("GET", "/v1/jobs/{job_id}/embedding-runs/{run_id}/embeddings"),
     ("GET", "/v1/jobs/{job_id}/embedding-runs/{run_id}/files"),
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+    ("GET", "/v1/jobs/{job_id}/previews"), ("GET", "/v1/jobs/{job_id}/previews/{name}"),
+    ("GET", "/v1/jobs/{job_id}/plot.png"),
+    ("POST", "/v1/jobs/{job_id}/neighbours"), ("GET", "/v1/jobs/{job_id}/dataset-images/{index}"),
 }
 
 
@@ -52,7 +56,7 @@ ROUTES = {
 def openapi(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[APIRoute]]:
     tmp = tmp_path_factory.mktemp("openapi")
     app = create_app(make_settings(tmp, "sqlite://"), FakeDispatcher())
-    modules = (jobs, events, checkpoints, embeddings, health)
+    modules = (jobs, events, checkpoints, embeddings, health, preview_routes, neighbours)
     api_routes = [r for m in modules for r in m.router.routes if isinstance(r, APIRoute)]
     assert {(m, r.path) for r in api_routes for m in r.methods or ()} == ROUTES
     return app.openapi(), api_routes

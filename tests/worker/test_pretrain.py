@@ -7,9 +7,11 @@ import signal
 import time
 from pathlib import Path
 
+from api.services.previews import list_previews
 from jobstore import repo
 from jobstore.states import JobStatus
 from simmim.atomic import sha256_file
+from simmim_service.artifacts import ArtifactStore
 from tests.worker.stack import Stack
 from worker.claim import parse_identity
 
@@ -50,6 +52,12 @@ def test_job_runs_to_success_and_records_everything(worker: Stack, digits: dict[
     losses = worker.read(lambda s: repo.metric_history(s, job_id=job_id, key="loss"))
     assert [p.step for p in losses][-1] == 10 and len(losses) >= 2
     assert job.latest_metrics["step"] == 10 and {"loss", "lr", "images_per_sec"} <= set(job.latest_metrics)
+
+    # a reconstruction preview per checkpoint, listed as the API lists them; TensorBoard events
+    store = ArtifactStore(str(worker.artifacts))
+    previews = worker.read(lambda s: list_previews(session=s, artifacts=store, tenant="t", job_id=job_id))
+    assert [(p.step, p.width, p.height) for p in previews.data] == [(s, 138, 274) for s in (4, 8, 10)]
+    assert list((worker.artifacts / f"jobs/{job_id}/tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_pruned_checkpoints_leave_the_listing(worker: Stack, digits: dict[str, Path]) -> None:
