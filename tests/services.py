@@ -92,3 +92,23 @@ def sqlite_or_postgres(backend: str, tmp_path: Path) -> Iterator[str]:
     else:
         with postgres_database() as url:
             yield url
+
+
+def processes_using(text: str) -> list[int]:
+    """Pids of live processes whose command line or environment mentions ``text``.
+
+    Celery workers started by ``serve --embedded`` carry their data directory only in their
+    environment (``SIMMIM_DATABASE_URL`` ...), so ``pgrep -f`` cannot see them.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if state not in ("Z", "X") and text.encode() in blob:
+            found.append(int(entry.name))
+    return found

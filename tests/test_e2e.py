@@ -21,7 +21,7 @@ import pytest
 from simmim.atomic import sha256_file
 from simmim_service.client import SimMIMClient
 from tests.api.conftest import live_api
-from tests.services import free_port, redis_server
+from tests.services import free_port, processes_using, redis_server
 from tests.worker.stack import TINY_TRAINING, celery_worker, make_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +123,7 @@ def embedded(tmp_path: Path, digits: dict[str, Path]) -> Iterator[str]:
         code = proc.wait(timeout=120)
         log.close()
         assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-        leftovers = subprocess.run(["pgrep", "-f", f"{tmp_path / 'service'}"], capture_output=True, text=True)
-        assert leftovers.stdout == "", "serve left worker processes behind"
+        assert processes_using(str(tmp_path / "service")) == [], "serve left worker processes behind"
 
 
 def test_embedded_mode_same_scenario(embedded: str, digits: dict[str, Path], test_images: list[Path],

@@ -20,7 +20,7 @@ import pytest
 
 from simmim_service.client import SimMIMClient
 from tests.api.conftest import live_api
-from tests.services import free_port, redis_server
+from tests.services import free_port, processes_using, redis_server
 from tests.worker.stack import TINY_TRAINING, celery_worker, make_stack
 
 pytestmark = pytest.mark.slow
@@ -94,7 +94,8 @@ def embedded_service(data_dir: Path, port: int, allowed: Path, log: Path) -> Ite
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+            assert proc.wait(timeout=150) == 0, log.read_text()[-3000:]
+            assert processes_using(str(data_dir)) == [], "serve left worker processes behind"
 
 
 def test_embedded_service_restart_mid_job(digits: dict[str, Path], tmp_path: Path, record_property: Any) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -123,7 +124,11 @@ def _wait_ready(stack: Stack, name: str, proc: subprocess.Popen[bytes], timeout:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker {name} exited with {proc.returncode}\n{stack.worker_logs()}")
-        replies = stack.app.control.ping(timeout=0.5) or []
+        try:
+            replies = stack.app.control.ping(timeout=0.5) or []
+        except (OSError, redis.exceptions.ConnectionError):  # a broker that just restarted; ask again
+            time.sleep(0.2)
+            continue
         if any(name in node for reply in replies for node in reply):
             return
     raise RuntimeError(f"worker {name} did not answer a ping within {timeout:g} s\n{stack.worker_logs()}")
