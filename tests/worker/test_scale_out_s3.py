@@ -41,6 +41,7 @@ SMALL = {"max_steps": 6, "checkpoint_every": 2, "keep_last": 1}
 EXPECTED_FILES = {"checkpoints/ckpt_00000004.pt", "checkpoints/ckpt_00000004.json",
                   "checkpoints/ckpt_00000006.pt", "checkpoints/ckpt_00000006.json",
                   "config.json", "metrics.jsonl", "encoder/encoder.safetensors", "encoder/config.json"}
+PREVIEWS = {"previews/step_00000002.png", "previews/step_00000004.png", "previews/step_00000006.png"}
 
 
 @dataclass
@@ -132,7 +133,13 @@ def test_two_hosts_share_the_queue_and_each_job_lives_under_its_own_prefix(hosts
         parts = key.split("/", 3)
         assert parts[:2] == [PREFIX, "jobs"] and parts[2] in jobs, key
         by_job.setdefault(parts[2], set()).add(parts[3])
-    assert by_job == {job_id: EXPECTED_FILES for job_id in jobs}
+    # Previews stay for every checkpoint (also the pruned step 2); TensorBoard event files are
+    # named by time, host and pid.
+    for job_id, names in by_job.items():
+        events = {n for n in names if n.startswith("tensorboard/events.out.tfevents.")}
+        assert events, (job_id, sorted(names))
+        assert names - events == EXPECTED_FILES | PREVIEWS, (job_id, sorted(names))
+    assert set(by_job) == set(jobs)
 
     # Each host's scratch space holds the run directories of the jobs it ran, and no other.
     for name, (work_dir, _) in hosts.workers.items():
