@@ -5,9 +5,14 @@ images already on the device; every config uses the same timm ViT, batch and ima
 
 Configs:
   ours                 simmim ``build_model``; masks from our ``MaskGenerator`` (pre-drawn, on
-                       the device, cycled); AdamW(model.param_groups(0.05)); grad clip 5.0 and
-                       the per-step ``loss.item()`` check, exactly as ``simmim.engine`` does.
-  ours_compiled        the same with ``torch.compile(model)`` (default on CUDA; CPU: --compile).
+                       the device, cycled); AdamW(model.param_groups(0.05)); grad clip 5.0; the
+                       loss stays on the device (the engine reads it every run.log_every steps).
+  ours_compiled        the same with ``torch.compile(model)`` (default on CUDA; CPU: --compile);
+                       what ``simmim.engine`` runs on CUDA by default (run.compile: auto).
+  microsoft_formulation  microsoft/SimMIM's step on the same timm ViT: the same model maths
+                       (mask token, 1x1 conv + PixelShuffle, masked L1), unfused attention
+                       (q @ k^T, softmax, @ v, as its ViT computes it), a ``loss.item()`` every
+                       step, grad clip 5.0, eager.
   ours_noclip          ``ours`` without gradient clipping: lightly's recipe does not clip, so
                        this separates the cost of the recipe from the cost of the code.
   lightly_recipe_fp32  lightly's recipe (bench/_lightly_recipe.py), fp32 (TF32 matmuls on CUDA);
@@ -15,6 +20,13 @@ Configs:
   lightly_recipe_bf16  the same under bf16 autocast (default on CUDA only).
   timm_plain           plain timm ViT: forward_features -> mean -> backward -> AdamW; a lower
                        bound for the cost of the encoder alone.
+  timm_plain_compiled  the same under ``torch.compile`` (the best public number in ANCHORS.md).
+
+Suites: vit (the configs above), convnets, swin (Swin-B 192 px on CUDA), embed (encoder-only
+inference, mean-pooled, eager and compiled, batch 256 bf16 on CUDA). --find-max-batch MODELS
+finds the largest batch of ``ours`` that fits (doubling, then bisection on failure), one fresh
+process per try. The vit suite also checks that the compiled path gives the eager losses
+(same weights, data and masks, a few steps; max abs difference).
 
 Each config runs in its own worker process, so peak memory is per config:
 ``torch.cuda.max_memory_allocated`` on CUDA, the growth of ``ru_maxrss`` since the worker's
@@ -53,8 +65,12 @@ from torch import nn
 from simmim.config import ModelConfig
 from simmim.model import build_mask_generator, build_model, encoder_kwargs
 
-ALL_CONFIGS = ("ours", "ours_compiled", "ours_noclip", "ours_mask_token_only", "lightly_recipe_fp32",
-               "lightly_recipe_bf16", "timm_plain")
+ALL_CONFIGS = ("ours", "ours_compiled", "ours_noclip", "ours_mask_token_only", "microsoft_formulation",
+               "lightly_recipe_fp32", "lightly_recipe_bf16", "timm_plain", "timm_plain_compiled",
+               "embed_eager", "embed_compiled")
+SWIN_MODELS = {"cuda": ("swin_base_patch4_window7_224", 192), "cpu": ("swin_tiny_patch4_window7_224", 64)}
+SWIN_CONFIGS = ("ours", "ours_compiled", "timm_plain")
+EMBED_CONFIGS = ("embed_eager", "embed_compiled")
 # --suite convnets: (model, timm kwargs) on CUDA (224 px, batch 128) and on CPU (small and narrow, 96 px).
 CONVNET_MODELS = {
     "cuda": [("resnet50", {}), ("convnext_tiny", {})],
@@ -117,10 +133,14 @@ def _adamw(params: Any, device: torch.device, lr: float = 1e-4, weight_decay: fl
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
-def _build_ours(spec: Spec, device: torch.device, images: torch.Tensor,
-                compiled: bool, clip: bool = True) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
+def _build_ours(spec: Spec, device: torch.device, images: torch.Tensor, compiled: bool, clip: bool = True,
+                microsoft: bool = False) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
     cfg = _model_config(spec)
     model = build_model(cfg).to(device)
+    if microsoft:  # its ViT computes attention as q @ k^T -> softmax -> @ v
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
     gen = build_mask_generator(cfg, model.encoder)
     rng = np.random.default_rng(spec.seed)
     masks = torch.from_numpy(np.stack([gen(rng) for _ in range(MASK_POOL * spec.batch_size)]))
@@ -133,7 +153,8 @@ def _build_ours(spec: Spec, device: torch.device, images: torch.Tensor,
         with _autocast(device, amp):
             loss, _ = fn(images, masks[i % MASK_POOL])
         loss.backward()
-        float(loss.item())  # the engine reads the loss every step (non-finite check)
+        if microsoft:
+            float(loss.item())  # microsoft's loop reads the loss every step
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
@@ -142,8 +163,8 @@ def _build_ours(spec: Spec, device: torch.device, images: torch.Tensor,
     info = {"mask": f"{spec.mask_patch_size} px blocks, ratio {spec.mask_ratio}, "
                     f"{gen.num_masked}/{gen.num_blocks} blocks = "
                     f"{gen.num_masked / gen.num_blocks:.3f} of tokens",
-            "optimizer": f"AdamW(param_groups(0.05)), {'clip_grad_norm 5.0' if clip else 'no clip'}, "
-                         "loss.item() per step",
+            "optimizer": f"AdamW(param_groups(0.05)), {'clip_grad_norm 5.0' if clip else 'no clip'}"
+                         + (", loss.item() per step, unfused attention" if microsoft else ", no host sync"),
             "tokens": gen.token_grid**2}
     return step, model, info
 
@@ -174,15 +195,16 @@ def _build_lightly(spec: Spec, device: torch.device,
     return step, model, info
 
 
-def _build_timm_plain(spec: Spec, device: torch.device,
-                      images: torch.Tensor) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
+def _build_timm_plain(spec: Spec, device: torch.device, images: torch.Tensor,
+                      compiled: bool = False) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
     model = timm.create_model(spec.model, pretrained=False, **encoder_kwargs(_model_config(spec))).to(device)
     opt = _adamw(model.parameters(), device)
     amp = _config_precision(spec)
+    features = torch.compile(model.forward_features) if compiled else model.forward_features
 
     def step(i: int) -> None:
         with _autocast(device, amp):
-            loss = model.forward_features(images).float().mean()  # type: ignore[operator]
+            loss = features(images).float().mean()  # type: ignore[operator]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -190,15 +212,34 @@ def _build_timm_plain(spec: Spec, device: torch.device,
     return step, model, {"optimizer": "AdamW(model.parameters()), no clip", "mask": None}
 
 
+def _build_embed(spec: Spec, device: torch.device, images: torch.Tensor,
+                 compiled: bool) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
+    """Encoder-only inference as ``simmim.embed.Embedder`` runs it: mean-pooled patch tokens."""
+    from simmim.backbones import create_encoder
+
+    cfg = _model_config(spec)
+    model = create_encoder(cfg.name, pos_embed=cfg.pos_embed, **encoder_kwargs(cfg)).model.to(device).eval()
+    fn = torch.compile(model) if compiled else model
+    amp = _config_precision(spec)
+
+    def step(i: int) -> None:
+        with torch.inference_mode(), _autocast(device, amp):
+            fn(images).float()
+
+    return step, model, {"mode": "inference, mean-pooled embeddings", "mask": None}
+
+
 def _build(spec: Spec, device: torch.device,
            images: torch.Tensor) -> tuple[Callable[[int], None], nn.Module, dict[str, Any]]:
-    if spec.config in ("ours", "ours_compiled", "ours_noclip", "ours_mask_token_only"):
+    if spec.config in ("ours", "ours_compiled", "ours_noclip", "ours_mask_token_only", "microsoft_formulation"):
         return _build_ours(spec, device, images, compiled=spec.config == "ours_compiled",
-                           clip=spec.config != "ours_noclip")
+                           clip=spec.config != "ours_noclip", microsoft=spec.config == "microsoft_formulation")
     if spec.config.startswith("lightly_recipe_"):
         return _build_lightly(spec, device, images)
-    if spec.config == "timm_plain":
-        return _build_timm_plain(spec, device, images)
+    if spec.config in ("timm_plain", "timm_plain_compiled"):
+        return _build_timm_plain(spec, device, images, compiled=spec.config == "timm_plain_compiled")
+    if spec.config in EMBED_CONFIGS:
+        return _build_embed(spec, device, images, compiled=spec.config == "embed_compiled")
     raise ValueError(f"unknown config {spec.config!r}")
 
 
@@ -232,7 +273,8 @@ def worker_main(spec: Spec) -> None:
     torch.manual_seed(spec.seed)
     images = torch.randn(spec.batch_size, 3, spec.image_size, spec.image_size, device=device)
     step, model, info = _build(spec, device, images)
-    model.train()
+    if spec.config not in EMBED_CONFIGS:
+        model.train()
     info["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info["precision"] = _config_precision(spec)
     t0 = time.perf_counter()
@@ -294,14 +336,14 @@ class Worker:
 
 
 def default_configs(device: torch.device, compile_flag: bool | None, precision: str) -> list[str]:
-    """CUDA: all six. CPU: all but ours_compiled (only with --compile) and lightly_recipe_bf16."""
+    """CUDA: ours (eager, compiled, no clip), microsoft's formulation, lightly's recipe fp32 and
+    bf16, plain timm eager and compiled. CPU: the same without the compiled ones (only with
+    --compile) and with lightly's recipe at --precision only."""
     cuda = device.type == "cuda"
-    configs = ["ours"]
-    if compile_flag or (compile_flag is None and cuda):
-        configs.append("ours_compiled")
-    configs.append("ours_noclip")
+    compiled = bool(compile_flag or (compile_flag is None and cuda))
+    configs = ["ours"] + (["ours_compiled"] if compiled else []) + ["ours_noclip", "microsoft_formulation"]
     configs += ["lightly_recipe_fp32", "lightly_recipe_bf16"] if cuda else [f"lightly_recipe_{precision}"]
-    configs.append("timm_plain")
+    configs += ["timm_plain"] + (["timm_plain_compiled"] if compiled else [])
     return configs
 
 
@@ -389,7 +431,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-malloc", action="store_true",
                    help="CPU: keep glibc's adaptive malloc instead of the fixed settings (see CPU_MALLOC_ENV)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--suite", choices=("vit", "convnets"), default="vit",
+    p.add_argument("--find-max-batch", metavar="MODELS",
+                   help="comma-separated timm models (e.g. vit_base_patch16_224,vit_large_patch16_224): the "
+                        "largest batch of `ours` (--configs: first one) that fits, doubling from --batch-size "
+                        "then bisecting to within --max-batch-tolerance")
+    p.add_argument("--max-batch-tolerance", type=float, default=0.1,
+                   help="stop bisecting when (fails - fits) <= this fraction of fits (default 0.1)")
+    p.add_argument("--loss-check-steps", type=int,
+                   help="vit suite: steps of the eager-vs-compiled loss check (default 5 on CUDA, 0 = off on CPU)")
+    p.add_argument("--suite", choices=("vit", "convnets", "swin", "embed"), default="vit",
                    help="convnets: for resnet50 and convnext_tiny (CUDA; 224 px, batch 128) or two small, narrow "
                         "ones (CPU; 96 px, batch 32): ours (re-masking), ours_mask_token_only and timm_plain, "
                         "with ratio_to_timm_plain")
@@ -458,14 +508,148 @@ def run_convnet_suite(args: argparse.Namespace, device: torch.device) -> None:
     emit(out, args.out)
 
 
+def run_simple_suite(args: argparse.Namespace, device: torch.device, base: Spec, configs: tuple[str, ...],
+                     name: str, note: str) -> None:
+    """One model, a few configs, interleaved rounds (swin and embed suites)."""
+    cuda = device.type == "cuda"
+    iters = args.iters or (20 if cuda else 2)
+    rounds = args.rounds or (3 if cuda else 5)
+    env = {} if cuda or args.default_malloc else CPU_MALLOC_ENV
+    if args.configs:
+        configs = tuple(args.configs.split(","))
+    t0 = time.perf_counter()
+    workers: dict[str, Worker] = {}
+    memory: dict[str, dict[str, Any]] = {}
+    try:
+        for cfg_name in configs:
+            log(f"{base.model}: starting {cfg_name} (build + {base.warmup} warmup steps)")
+            workers[cfg_name] = Worker(Spec(**{**asdict(base), "config": cfg_name}), env)
+        wall, cpu = run_rounds(workers, rounds, iters)
+        for cfg_name, w in workers.items():
+            memory[cfg_name] = w.quit()["memory"]
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
+    results = summarise(wall, cpu, workers, memory, base.batch_size)
+    for row in results.values():
+        for key in ("reference", "ratio_to_lightly", "ratio_to_lightly_best_round"):
+            row.pop(key, None)
+    out = {"benchmark": name,
+           "summary": {n: {"img_per_s": round(r["img_per_s"], 1), "ms_per_step": round(r["ms_per_step"], 1),
+                           "peak_memory_mib": round(r["peak_memory_mib"])} for n, r in results.items()},
+           "environment": environment(device),
+           "config": {**{k: v for k, v in asdict(base).items() if k != "config"}, "iters_per_round": iters,
+                      "rounds": rounds, "configs": list(configs), "worker_env": env, "data": note,
+                      "statistic": "median over rounds of the mean step time within a round"},
+           "results": results, "wall_seconds": time.perf_counter() - t0}
+    emit(out, args.out)
+
+
+def _fits(spec: Spec) -> bool:
+    """Whether ``spec`` builds and runs its warmup steps in a fresh process (False on any failure:
+    an out-of-memory error, usually)."""
+    try:
+        worker = Worker(spec, {})
+    except RuntimeError:
+        return False
+    worker.quit()
+    return True
+
+
+def find_max_batch(args: argparse.Namespace, device: torch.device) -> None:
+    """Per model: the largest batch that fits, doubling from --batch-size then bisecting."""
+    t0 = time.perf_counter()
+    config = args.configs.split(",")[0] if args.configs else "ours"
+    out: dict[str, Any] = {"benchmark": "train_step_max_batch", "environment": environment(device),
+                           "config": {"config": config, "tolerance": args.max_batch_tolerance,
+                                      "warmup_steps_per_try": 2}, "results": {}}
+    for model in args.find_max_batch.split(","):
+        base = Spec(**{**asdict(build_spec(args, device)), "model": model, "config": config, "warmup": 2,
+                       "image_size": args.image_size or (224 if device.type == "cuda" else 96)})
+        tries: dict[int, bool] = {}
+
+        def probe(batch: int, base: Spec = base, tries: dict[int, bool] = tries) -> bool:
+            ok = _fits(Spec(**{**asdict(base), "batch_size": batch}))
+            tries[batch] = ok
+            log(f"{base.model} batch {batch}: {'fits' if ok else 'does not fit'}")
+            return ok
+
+        lo, hi = 0, base.batch_size
+        while probe(hi):
+            lo, hi = hi, hi * 2
+        while lo > 0 and hi - lo > max(1, int(lo * args.max_batch_tolerance)):
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if probe(mid) else (lo, mid)
+        out["results"][model] = {"largest_batch_that_fits": lo or None, "smallest_that_failed": hi,
+                                 "tries": {str(k): v for k, v in sorted(tries.items())},
+                                 "image_size": base.image_size, "precision": base.precision}
+    out["wall_seconds"] = time.perf_counter() - t0
+    emit(out, args.out)
+
+
+def loss_check(base: Spec, device: torch.device, steps: int) -> dict[str, Any]:
+    """Eager vs compiled ``ours`` from the same weights, on the same images and masks: the losses
+    of ``steps`` training steps each, and their largest absolute difference."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(base.seed)
+    cfg = _model_config(base)
+    eager_model = build_model(cfg).to(device)
+    compiled_model = build_model(cfg).to(device)
+    compiled_model.load_state_dict(eager_model.state_dict())
+    gen = build_mask_generator(cfg, eager_model.encoder)
+    rng = np.random.default_rng(base.seed)
+    g = torch.Generator().manual_seed(base.seed)
+    data = [(torch.randn(base.batch_size, 3, base.image_size, base.image_size, generator=g).to(device),
+             torch.from_numpy(np.stack([gen(rng) for _ in range(base.batch_size)])).to(device))
+            for _ in range(steps)]
+    losses: dict[str, list[float]] = {}
+    for name, model, fn in (("eager", eager_model, eager_model), ("compiled", compiled_model,
+                                                                   torch.compile(compiled_model))):
+        opt = _adamw(model.param_groups(0.05), device)
+        values = []
+        for images, masks in data:
+            with _autocast(device, base.precision):
+                loss, _ = fn(images, masks)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            values.append(loss.detach())
+        losses[name] = [float(v) for v in torch.stack(values).cpu()]
+    diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"], strict=True))
+    return {"steps": steps, "precision": base.precision, "eager": losses["eager"], "compiled": losses["compiled"],
+            "max_abs_diff": diff, "max_rel_diff": diff / max(abs(v) for v in losses["eager"])}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker_spec:
         worker_main(Spec(**json.loads(args.worker_spec)))
         return
     device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if args.find_max_batch:
+        find_max_batch(args, device)
+        return
     if args.suite == "convnets":
         run_convnet_suite(args, device)
+        return
+    if args.suite == "swin":
+        model, size = SWIN_MODELS["cuda" if cuda else "cpu"]
+        base = Spec(**{**asdict(build_spec(args, device)), "model": args.model or model,
+                       "image_size": args.image_size or size})
+        configs = SWIN_CONFIGS if cuda or args.compile else tuple(c for c in SWIN_CONFIGS if "compiled" not in c)
+        run_simple_suite(args, device, base, configs, "train_step_swin",
+                         "random normal images on the device; window = image_size // 32")
+        return
+    if args.suite == "embed":
+        base = Spec(**{**asdict(build_spec(args, device)), "batch_size": args.batch_size or (256 if cuda else 64)})
+        configs = EMBED_CONFIGS if cuda or args.compile else ("embed_eager",)
+        run_simple_suite(args, device, base, configs, "embed_speed",
+                         "inference only (torch.inference_mode), mean-pooled embeddings, random images on the device")
         return
     base = build_spec(args, device)
     iters = args.iters or (20 if device.type == "cuda" else 2)
@@ -499,8 +683,12 @@ def main(argv: list[str] | None = None) -> None:
                    "statistic": "median over rounds of the mean step time within a round",
                    "data": "random normal images, already on the device"},
         "results": results,
-        "wall_seconds": time.perf_counter() - t0,
     }
+    steps = args.loss_check_steps if args.loss_check_steps is not None else (5 if cuda else 0)
+    if steps > 0:
+        log(f"loss check: eager vs compiled, {steps} steps")
+        result["loss_check"] = loss_check(base, device, steps)
+    result["wall_seconds"] = time.perf_counter() - t0
     emit(result, args.out)
 
 

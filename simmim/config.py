@@ -46,6 +46,19 @@ class DataConfig(_Section):
     min_image_size: int = Field(
         default=16, ge=1, description="Images with a side shorter than this are reported as tiny."
     )
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="Where training images are decoded and augmented. cpu: DataLoader workers decode "
+        "(PIL) and crop/flip/normalise. gpu: workers only read file bytes and draw the crop box, flip "
+        "and mask; the training process decodes JPEGs in batches on the training device "
+        "(torchvision.io.decode_jpeg) and crops/resizes/flips/normalises there (non-JPEG files and "
+        "EXIF-rotated or CMYK JPEGs are still decoded by the workers). auto: gpu on CUDA, cpu otherwise.",
+    )
+    persistent_workers: bool = Field(
+        default=True,
+        description="Keep DataLoader workers alive across epochs (the epoch travels with each sampled "
+        "index, so every sample stays a pure function of (seed, epoch, index)).",
+    )
 
 
 class ModelConfig(_Section):
@@ -123,12 +136,23 @@ class RunConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
     )
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        default="auto", description="torch.compile the model; auto: on CUDA, off on CPU."
+    )
+    tf32: bool = Field(
+        default=True,
+        description="CUDA: allow TF32 for fp32 matmuls and convolutions (bf16 autocast covers most of "
+        "the step; this speeds up what runs in fp32).",
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
     keep_last: int = Field(default=3, ge=1, le=1000, description="Checkpoints kept besides the final.")
-    log_every: int = Field(default=10, ge=1)
+    log_every: int = Field(
+        default=10, ge=1,
+        description="Steps between progress reports. The loss stays on the device in between: it is "
+        "read, and checked for NaN/inf, only every log_every steps and before every checkpoint.",
+    )
     preview_images: int = Field(
         default=8, ge=0, le=64,
         description="Images in the reconstruction preview written at every checkpoint "

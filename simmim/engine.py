@@ -1,5 +1,9 @@
 """The one SimMIM training path: data, AdamW, schedule, accumulation, checkpoints, progress.
 
+The loss stays on the device between reports: a step never waits for the GPU. Losses are
+read (one host sync), averaged across DDP ranks and checked for NaN/inf every ``run.log_every``
+steps and before every checkpoint, so a checkpoint never holds weights from a non-finite step.
+
 Every sample is a pure function of (seed, epoch, index) and the sampler's order of
 (seed, epoch), so resuming at step ``s`` only needs the weights, the optimiser state, the
 RNG states and ``s``: an interrupted-and-resumed run reproduces the uninterrupted one.
@@ -92,10 +96,30 @@ def train(
             (periodic, on stop and final), e.g. to record or upload it.
     """
     rt = setup_runtime(cfg.run.device, cfg.run.precision)
+    trainer: _Trainer | None = None
     try:
-        return _Trainer(cfg, rt, on_progress, should_stop, on_checkpoint).run(resume)
+        trainer = _Trainer(cfg, rt, on_progress, should_stop, on_checkpoint)
+        return trainer.run(resume)
     finally:
+        if trainer is not None:
+            trainer.data.close()
         teardown_runtime(rt)
+
+
+def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
+    """``run.compile``: true/false as given; auto = on for CUDA, off elsewhere."""
+    if cfg.run.compile == "auto":
+        return device.type == "cuda"
+    return bool(cfg.run.compile)
+
+
+def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
+    """CUDA math settings of the run: TF32 for fp32 matmuls/convolutions, cuDNN autotuning."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.run.tf32
+    torch.backends.cudnn.benchmark = True  # fixed shapes every step
 
 
 class _Trainer:
@@ -106,6 +130,7 @@ class _Trainer:
         self.on_progress, self.should_stop = on_progress, should_stop
         self.on_checkpoint = on_checkpoint
         torch.manual_seed(cfg.run.seed)
+        configure_backends(cfg, rt.device)
         self.out = Path(cfg.run.output_dir)
         self.model = build_model(cfg.model).to(rt.device)
         mask_gen = build_mask_generator(cfg.model, self.model.encoder)
@@ -129,6 +154,8 @@ class _Trainer:
         self.step = 0
         self.skipped = 0
         self.resumed: CheckpointInfo | None = None
+        # (step, loss on the device) of the steps taken since the losses were last read
+        self.pending: list[tuple[int, torch.Tensor]] = []
 
     def _wrap_model(self) -> nn.Module:
         module: nn.Module = self.model
@@ -136,7 +163,7 @@ class _Trainer:
         if self.rt.distributed:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             module = self.ddp = DistributedDataParallel(module, device_ids=ids)
-        if self.cfg.run.compile:
+        if compile_enabled(self.cfg, self.rt.device):
             module = torch.compile(module)  # type: ignore[assignment]
         return module
 
@@ -184,16 +211,41 @@ class _Trainer:
                 if micro is None:
                     break  # epoch exhausted
                 meter.add_wait(time.perf_counter() - t0)
-                loss_value = self._optimizer_step(micro)
+                self.pending.append((self.step, self._optimizer_step(micro)))
                 self.step += 1
                 meter.end_step()
                 if self.step % self.cfg.run.log_every == 0 or self.step == self.total:
+                    loss_value = self._read_losses()
+                    assert loss_value is not None
                     self._report(meter, epoch, loss_value)
                 if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.total:
                     last_ckpt = self._checkpoint(final=False)
                 if self._stop_requested():
-                    return loss_value, True, last_ckpt
-        return loss_value, False, last_ckpt
+                    return _newest(self._read_losses(), loss_value), True, last_ckpt
+        return _newest(self._read_losses(), loss_value), False, last_ckpt
+
+    def _read_losses(self) -> float | None:
+        """Read the losses of the steps since the last read; the newest one, None if none.
+
+        One host sync for all of them (and, under DDP, one all-reduce of all of them, so every
+        rank must call this at the same steps: it does, at log steps, checkpoints and stops).
+
+        Raises:
+            NonFiniteLossError: Naming the first step whose loss was NaN or inf. The weights in
+                memory may be non-finite by then; no checkpoint is written after this.
+        """
+        if not self.pending:
+            return None
+        steps = [s for s, _ in self.pending]
+        losses = torch.stack([v for _, v in self.pending])
+        self.pending = []
+        values = _mean_across(losses, self.rt).tolist()
+        for step, value in zip(steps, values, strict=True):
+            if not math.isfinite(value):
+                log.error("non-finite loss at step %d (steps %d-%d were read together); no checkpoint "
+                          "holds weights from step %d on", step, steps[0], steps[-1], step)
+                raise NonFiniteLossError(step, value)
+        return float(values[-1])
 
     def _stop_requested(self) -> bool:
         """Whether to stop now; under DDP, True on every rank as soon as any rank asks.
@@ -211,7 +263,9 @@ class _Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def _optimizer_step(self, micro: list[dict[str, Any]]) -> float:
+    def _optimizer_step(self, micro: list[dict[str, Any]]) -> torch.Tensor:
+        """One optimiser step; returns this rank's mean loss as a 0-d tensor on the device
+        (no host sync: nothing here reads a value back)."""
         lr = get_lr(self.step, total=self.total, warmup=self.warmup, **self.lrs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -226,15 +280,12 @@ class _Trainer:
                 with self.rt.autocast():
                     loss, _ = self.step_fn(images, mask)
                 (loss / len(micro)).backward()
-            total_loss += loss.detach() / len(micro)
-        value = _mean_across(total_loss, self.rt)
-        if not math.isfinite(value):
-            raise NonFiniteLossError(self.step, value)
+            total_loss += loss.detach().float() / len(micro)
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return value
+        return total_loss
 
     def _report(self, meter: _Meter, epoch: int, loss: float) -> None:
         if not self.rt.is_main:
@@ -263,6 +314,7 @@ class _Trainer:
         }
 
     def _checkpoint(self, final: bool) -> CheckpointInfo | None:
+        self._read_losses()  # raises before saving weights from a non-finite step
         info = self.ckpts.save(self._state(), self.step, final=final) if self.rt.is_main else None
         if self.rt.is_main:
             self._write_preview()
@@ -351,12 +403,17 @@ def _take(batches: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]] | N
     return out
 
 
-def _mean_across(value: torch.Tensor, rt: Runtime) -> float:
+def _newest(read: float | None, previous: float | None) -> float | None:
+    return read if read is not None else previous
+
+
+def _mean_across(values: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """The mean over ranks of ``values`` (any shape), on the CPU."""
     if rt.distributed:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= rt.world_size
-    return float(value.item())
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= rt.world_size
+    return values.cpu()
 
 
 def progress_dict(p: Progress) -> dict[str, Any]:

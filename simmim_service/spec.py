@@ -45,7 +45,14 @@ class TrainingSpec(BaseModel):
                                   "CPU processes on a CPU-only worker (gloo). The job waits for a worker "
                                   "that owns this many")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        default="auto", description="torch.compile the model; auto: on CUDA, off on CPU")
+    tf32: bool = Field(default=True, description="CUDA: TF32 for what runs in fp32 (matmuls, convolutions)")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="Where training JPEGs are decoded and augmented: gpu (nvJPEG + crop/flip/normalise on "
+                    "the GPU; loader workers only read bytes), cpu (PIL in loader workers); auto: gpu on CUDA")
+    persistent_workers: bool = Field(default=True, description="Keep data loader processes between epochs")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints")
     keep_last: int = Field(default=3, ge=1, le=100)
@@ -96,14 +103,16 @@ def train_config(training: TrainingSpec, *, source: str, output_dir: str, device
     """The library config for a spec (raises pydantic ValidationError when it is invalid)."""
     t = training
     return TrainConfig.model_validate({
-        "data": {"source": source, "num_workers": t.num_workers},
+        "data": {"source": source, "num_workers": t.num_workers, "decode": t.decode,
+                 "persistent_workers": t.persistent_workers},
         "model": {"name": t.model, "image_size": t.image_size, "patch_size": t.patch_size,
                   "mask_patch_size": t.mask_patch_size, "mask_ratio": t.mask_ratio,
                   "model_kwargs": t.model_kwargs, "convnet_remask": t.convnet_remask},
         "optim": {"batch_size": t.batch_size, "accumulation_steps": t.accumulation_steps,
                   "base_lr": t.base_lr, "weight_decay": t.weight_decay, "epochs": t.epochs,
                   "max_steps": t.max_steps, "warmup_epochs": t.warmup_epochs, "warmup_steps": t.warmup_steps},
-        "run": {"output_dir": output_dir, "precision": t.precision, "compile": t.compile, "seed": t.seed,
+        "run": {"output_dir": output_dir, "precision": t.precision, "compile": t.compile, "tf32": t.tf32,
+                "seed": t.seed,
                 "checkpoint_every": t.checkpoint_every, "keep_last": t.keep_last, "device": device},
     })
 

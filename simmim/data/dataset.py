@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from simmim.data.images import DEFAULT_MAX_PIXELS, decode_for_crop
+from simmim.data.images import DEFAULT_MAX_PIXELS, decode_for_crop, exif_orientation, open_image
 from simmim.data.sources import ImageSource
 from simmim.data.transforms import EvalTransform, SimMIMAugment
 from simmim.errors import DataError, ImageDecodeError
@@ -61,9 +61,16 @@ class PretrainDataset(Dataset[dict[str, Any]]):
     k = 1, 2, ..., so a batch stays full; ``skipped`` counts the replacements. The random
     draws still come from the originally requested index, so the result is deterministic.
 
-    The epoch reaches DataLoader workers because workers copy the dataset when an iterator
-    is created: call :meth:`set_epoch` before iterating the loader each epoch, and keep
-    ``persistent_workers=False`` (as :func:`~simmim.data.loader.build_pretrain_loader` does).
+    The epoch of a sample is either part of the requested key, ``dataset[(epoch, index)]``
+    (what ``ResumableSampler(with_epoch=True)`` yields; works with persistent DataLoader
+    workers), or, for a plain ``dataset[index]``, the one given to :meth:`set_epoch` (workers
+    copy the dataset when an iterator is created, so that needs non-persistent workers).
+
+    With ``encoded=True`` a JPEG sample is not decoded: it carries the file bytes (``jpeg``,
+    uint8 tensor), the crop ``box`` in upright full-size pixels and ``flip``, drawn from the
+    same generator in the same order as the decoded path, for
+    :class:`~simmim.data.gpu_decode.DeviceAugment` to finish on the training device. Other
+    files (non-JPEG, EXIF-rotated, CMYK, unreadable) are decoded here as usual.
 
     Args:
         source: Where the images come from.
@@ -71,6 +78,7 @@ class PretrainDataset(Dataset[dict[str, Any]]):
         mask_generator: Draws the SimMIM mask; None to return images only.
         seed: The run's seed.
         max_pixels: Refuse (skip) images with more pixels than this.
+        encoded: Return JPEG bytes + crop parameters instead of decoded pixels (see above).
     """
 
     def __init__(
@@ -80,6 +88,7 @@ class PretrainDataset(Dataset[dict[str, Any]]):
         mask_generator: MaskGenerator | None,
         seed: int,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        encoded: bool = False,
     ) -> None:
         if len(source) == 0:
             raise DataError(f"the data source {source!r} holds no images")
@@ -89,6 +98,7 @@ class PretrainDataset(Dataset[dict[str, Any]]):
         self.seed = seed
         self.max_pixels = max_pixels
         self.epoch = 0
+        self.encoded = encoded
         self._warn = _WarnOnce()
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,25 +108,34 @@ class PretrainDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Sample ``index``: ``image`` float32 (3,S,S), ``mask`` uint8 (G,G) if masking,
-        ``index`` (the image actually used) and ``skipped`` (unreadable images passed over).
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample ``key`` (an index, or ``(epoch, index)``): ``image`` float32 (3,S,S) (or, when
+        ``encoded``, maybe ``jpeg``/``box``/``flip`` instead), ``mask`` uint8 (G,G) if masking,
+        ``index`` (the image actually used), ``skipped`` (unreadable images passed over),
+        ``epoch`` and ``key_index`` (the index asked for).
 
         Raises:
             DataError: If 50 images in a row, starting at ``index``, are unreadable.
         """
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        return self.sample(epoch, index, encoded=self.encoded)
+
+    def sample(self, epoch: int, index: int, encoded: bool = False) -> dict[str, Any]:
+        """Sample ``index`` of ``epoch`` (see :meth:`__getitem__`); decoded unless ``encoded``."""
         tries = min(MAX_CONSECUTIVE_UNREADABLE, len(self.source))
         last_error: ImageDecodeError | None = None
         for skipped in range(tries):
             used = (index + skipped) % len(self.source)
-            augment_rng, mask_rng = sample_rng(self.seed, self.epoch, index)
+            augment_rng, mask_rng = sample_rng(self.seed, epoch, index)
             try:
-                image = self._augmented(used, augment_rng)
+                data = self.source.read_bytes(used)
+                sample: dict[str, Any] = (self._encoded(used, data, augment_rng) if encoded else None) or {
+                    "image": self._augmented(used, data, augment_rng)}
             except ImageDecodeError as err:
                 self._warn(err)
                 last_error = err
                 continue
-            sample: dict[str, Any] = {"image": image, "index": used, "skipped": skipped}
+            sample.update(index=used, skipped=skipped, epoch=epoch, key_index=index)
             if self.mask_generator is not None:
                 sample["mask"] = torch.from_numpy(self.mask_generator(mask_rng))
             return sample
@@ -126,9 +145,8 @@ class PretrainDataset(Dataset[dict[str, Any]]):
             "every unreadable file, then remove or fix them"
         )
 
-    def _augmented(self, i: int, rng: random.Random) -> torch.Tensor:
+    def _augmented(self, i: int, data: bytes, rng: random.Random) -> torch.Tensor:
         name = self.source.name(i)
-        data = self.source.read_bytes(i)
         img, box = decode_for_crop(
             data,
             name,
@@ -137,6 +155,16 @@ class PretrainDataset(Dataset[dict[str, Any]]):
             max_pixels=self.max_pixels,
         )
         return self.augment.apply(img, box, rng)
+
+    def _encoded(self, i: int, data: bytes, rng: random.Random) -> dict[str, Any] | None:
+        """JPEG bytes + crop box + flip for device decoding; None (nothing drawn from ``rng``)
+        when the file must be decoded here (not a plain upright RGB/grayscale JPEG)."""
+        img = open_image(data, self.source.name(i), self.max_pixels)
+        if img.format != "JPEG" or img.mode not in ("RGB", "L") or exif_orientation(img) != 1:
+            return None
+        box = self.augment.sample_box(img.width, img.height, rng)
+        flip = self.augment.hflip and rng.random() < 0.5
+        return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "box": box, "flip": flip}
 
 
 class ImageListDataset(Dataset[dict[str, Any]]):

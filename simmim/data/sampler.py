@@ -7,6 +7,7 @@ the remaining indices are exactly the tail the uninterrupted run would have prod
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -14,7 +15,7 @@ from torch.utils.data import Sampler
 from simmim.errors import DataError
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(Sampler[Any]):
     """Shuffles indices per epoch, splits them across processes, and can skip ahead.
 
     Each epoch shuffles ``range(num_samples)`` with a generator seeded by
@@ -28,13 +29,17 @@ class ResumableSampler(Sampler[int]):
         seed: The run's seed.
         rank: This process's rank.
         world_size: Number of processes.
+        with_epoch: Yield ``(epoch, index)`` pairs instead of indices, so that persistent
+            DataLoader workers (which keep their copy of the dataset, and its epoch, from the
+            first epoch) still draw each sample's randomness from the current epoch.
 
     Raises:
         DataError: If the dataset cannot fill one batch on every process.
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+        with_epoch: bool = False,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
@@ -54,6 +59,7 @@ class ResumableSampler(Sampler[int]):
         self.world_size = world_size
         self.epoch = 0
         self.start_batch = 0
+        self.with_epoch = with_epoch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -80,8 +86,13 @@ class ResumableSampler(Sampler[int]):
         used = order[: self.batches_per_epoch * self.batch_size * self.world_size]
         return used[self.rank :: self.world_size].tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        yield from self.epoch_indices()[self.start_batch * self.batch_size :]
+    def __iter__(self) -> Iterator[Any]:
+        indices = self.epoch_indices()[self.start_batch * self.batch_size :]
+        if self.with_epoch:
+            epoch = self.epoch
+            yield from ((epoch, i) for i in indices)
+        else:
+            yield from indices
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
