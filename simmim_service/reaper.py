@@ -21,7 +21,6 @@ timeout is never what keeps a long job alive.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobstore import repo
+from simmim_service.periodic import Periodic
 from simmim_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,15 @@ class ReapReport:
     failed_to_send: list[str] = field(default_factory=list)
 
 
-class Reaper:
+class Reaper(Periodic):
     """Periodic lease expiry and re-dispatch over one job store."""
 
+    name = "simmim-reaper"
+
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue) -> None:
+        super().__init__()
         self.settings, self.sessions, self.enqueue = settings, sessions, enqueue
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.interval_s = settings.reaper_interval_s
 
     def run_once(self) -> ReapReport:
         """One pass: expire stale leases, then re-send what has waited too long."""
@@ -88,25 +90,6 @@ class Reaper:
         with self.sessions.begin() as session:
             repo.mark_dispatched(session, job_id=job_id)
         return True
-
-    def start(self) -> None:
-        """Run :meth:`run_once` every ``reaper_interval_s`` in a daemon thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="simmim-reaper", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.reaper_interval_s):
-            try:
-                self.run_once()
-            except Exception:  # a store hiccup must not end the reaper; the next pass retries
-                log.warning("reaper pass failed", exc_info=True)
 
 
 def _gpus(spec: dict[str, object]) -> int:

@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,6 +39,7 @@ import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobstore import repo
+from simmim_service.periodic import Periodic
 from simmim_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,18 @@ def _host(url: str) -> str:
     return urlsplit(url).netloc.rsplit("@", 1)[-1]  # never log credentials in the URL
 
 
-class WebhookDeliverer:
+class WebhookDeliverer(Periodic):
     """Sends due webhook deliveries of one job store, in a daemon thread (``start``/``stop``)."""
+
+    name = "simmim-webhooks"
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session],
                  transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__()
         self.settings, self.sessions = settings, sessions
-        self.poll_s = max(0.05, min(1.0, settings.webhook_backoff_s / 4))
+        self.interval_s = max(0.05, min(1.0, settings.webhook_backoff_s / 4))
         self.http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, transport=transport,
                                  headers={"User-Agent": USER_AGENT})
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_once(self) -> list[Outcome]:
         """Claim what is due, POST each, record each result. Returns what happened."""
@@ -141,21 +142,6 @@ class WebhookDeliverer:
             return None
         return f"HTTP {response.status_code}"
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="simmim-webhooks", daemon=True)
-        self._thread.start()
-
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout)
-            self._thread = None
+        super().stop(timeout)
         self.http.close()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self.run_once()
-            except Exception:  # a store hiccup must not end delivery; the next pass retries
-                log.warning("webhook pass failed", exc_info=True)
