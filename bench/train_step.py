@@ -477,23 +477,8 @@ def run_convnet_suite(args: argparse.Namespace, device: torch.device) -> None:
     for model, kwargs in CONVNET_MODELS["cuda" if cuda else "cpu"]:
         base = Spec(**{**asdict(build_spec(args, device)), "model": model, "model_kwargs": kwargs,
                        "image_size": args.image_size or (224 if cuda else 96)})
-        workers: dict[str, Worker] = {}
-        memory: dict[str, dict[str, Any]] = {}
-        try:
-            for name in CONVNET_CONFIGS:
-                log(f"{model}: starting {name} (build + {base.warmup} warmup steps)")
-                workers[name] = Worker(Spec(**{**asdict(base), "config": name}), env)
-            wall, cpu = run_rounds(workers, rounds, iters)
-            for name, w in workers.items():
-                memory[name] = w.quit()["memory"]
-        finally:
-            for w in workers.values():
-                if w.proc.poll() is None:
-                    w.proc.kill()
-        results = summarise(wall, cpu, workers, memory, base.batch_size)
+        results = measure_without_lightly(base, CONVNET_CONFIGS, env, rounds, iters)
         for row in results.values():
-            for key in ("reference", "ratio_to_lightly", "ratio_to_lightly_best_round"):
-                row.pop(key, None)
             row["ratio_to_timm_plain"] = row["img_per_s"] / results["timm_plain"]["img_per_s"]
         out["results"][model] = results
         out["summary"][model] = {n: {"img_per_s": round(r["img_per_s"], 1), "ms_per_step": round(r["ms_per_step"], 1),
@@ -508,6 +493,32 @@ def run_convnet_suite(args: argparse.Namespace, device: torch.device) -> None:
     emit(out, args.out)
 
 
+def measure_without_lightly(base: Spec, configs: tuple[str, ...], env: dict[str, str], rounds: int,
+                            iters: int) -> dict[str, dict[str, Any]]:
+    """Start one worker per config of ``base``, run interleaved rounds, summarise.
+
+    For suites without lightly's recipe: the rows carry no ratio to it.
+    """
+    workers: dict[str, Worker] = {}
+    memory: dict[str, dict[str, Any]] = {}
+    try:
+        for name in configs:
+            log(f"{base.model}: starting {name} (build + {base.warmup} warmup steps)")
+            workers[name] = Worker(Spec(**{**asdict(base), "config": name}), env)
+        wall, cpu = run_rounds(workers, rounds, iters)
+        for name, w in workers.items():
+            memory[name] = w.quit()["memory"]
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
+    results = summarise(wall, cpu, workers, memory, base.batch_size)
+    for row in results.values():
+        for key in ("reference", "ratio_to_lightly", "ratio_to_lightly_best_round"):
+            row.pop(key, None)
+    return results
+
+
 def run_simple_suite(args: argparse.Namespace, device: torch.device, base: Spec, configs: tuple[str, ...],
                      name: str, note: str) -> None:
     """One model, a few configs, interleaved rounds (swin and embed suites)."""
@@ -518,23 +529,7 @@ def run_simple_suite(args: argparse.Namespace, device: torch.device, base: Spec,
     if args.configs:
         configs = tuple(args.configs.split(","))
     t0 = time.perf_counter()
-    workers: dict[str, Worker] = {}
-    memory: dict[str, dict[str, Any]] = {}
-    try:
-        for cfg_name in configs:
-            log(f"{base.model}: starting {cfg_name} (build + {base.warmup} warmup steps)")
-            workers[cfg_name] = Worker(Spec(**{**asdict(base), "config": cfg_name}), env)
-        wall, cpu = run_rounds(workers, rounds, iters)
-        for cfg_name, w in workers.items():
-            memory[cfg_name] = w.quit()["memory"]
-    finally:
-        for w in workers.values():
-            if w.proc.poll() is None:
-                w.proc.kill()
-    results = summarise(wall, cpu, workers, memory, base.batch_size)
-    for row in results.values():
-        for key in ("reference", "ratio_to_lightly", "ratio_to_lightly_best_round"):
-            row.pop(key, None)
+    results = measure_without_lightly(base, configs, env, rounds, iters)
     out = {"benchmark": name,
            "summary": {n: {"img_per_s": round(r["img_per_s"], 1), "ms_per_step": round(r["ms_per_step"], 1),
                            "peak_memory_mib": round(r["peak_memory_mib"])} for n, r in results.items()},

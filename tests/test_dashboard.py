@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from simmim_service.client import SimMIMClient
-from tests.services import free_port, unavailable
+from tests.services import alive, free_port, unavailable
 from tests.worker.stack import TINY_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,14 +102,14 @@ def service(tmp_path_factory: pytest.TempPathFactory, digits: dict[str, Path]) -
         try:
             code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:  # a worker stuck in its own shutdown: not what this test is about
-            stuck = [pid for pid in started if _alive(pid)]
+            stuck = [pid for pid in started if alive(pid)]
             warnings.warn(f"embedded worker processes {stuck} did not stop within 60 s of SIGTERM; killed them",
                           stacklevel=1)
             for pid in stuck:
                 os.kill(pid, signal.SIGKILL)
             code = proc.wait(timeout=60)
         for pid in started:  # never leave a process of this test behind
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         log.close()
         assert code == 0, (tmp / "serve.log").read_text()[-3000:]
@@ -120,13 +120,6 @@ def _descendants(pid: int) -> list[int]:
     children = [int(p) for p in out.split()]
     return [pid for child in children for pid in (child, *_descendants(child))]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][:1] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,7 @@ from simmim.engine import Progress, train
 from simmim.errors import ConfigError, DataError, ImageDecodeError, NonFiniteLossError
 from simmim.launch import RankFailedError, train_processes
 from tests.conftest import tiny_config
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie waiting to be reaped does not count)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
+from tests.services import alive
 
 
 def test_two_processes_match_one_process_with_double_batch(digits: dict[str, Path], tmp_path: Path) -> None:
@@ -45,7 +37,7 @@ def test_two_processes_match_one_process_with_double_batch(digits: dict[str, Pat
     assert [p.step for p in two] == [1, 2, 3, 4]
     assert np.allclose([p.loss for p in one], [p.loss for p in two], atol=1e-4)
     assert [c.step for c in saved] == [2, 4] and saved[-1].final
-    assert len(pids[0]) == 2 and not any(_alive(pid) for pid in pids[0])
+    assert len(pids[0]) == 2 and not any(alive(pid) for pid in pids[0])
     a = CheckpointManager(tmp_path / "one" / "checkpoints").load(CheckpointManager(tmp_path / "one" / "checkpoints").list()[-1])
     b = CheckpointManager(tmp_path / "two" / "checkpoints").load(saved[-1])
     for name, tensor in a["model"].items():
@@ -63,7 +55,7 @@ def test_stop_request_stops_every_rank_at_one_step_with_a_checkpoint(digits: dic
 
     assert result.stopped and 3 <= result.steps < 1000
     assert result.checkpoint is not None and result.checkpoint.step == result.steps
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
     # Resuming continues from the stop checkpoint on both ranks.
     again = train_processes(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"max_steps": result.steps + 2})}),
                             2)
@@ -80,7 +72,7 @@ def test_a_killed_rank_fails_the_run_and_takes_the_others_down(digits: dict[str,
     seen: list[Progress] = []
 
     def kill_rank1_after_two_steps() -> bool:
-        if len(seen) >= 2 and _alive(pids[1]):
+        if len(seen) >= 2 and alive(pids[1]):
             os.kill(pids[1], signal.SIGKILL)
         return False
 
@@ -88,7 +80,7 @@ def test_a_killed_rank_fails_the_run_and_takes_the_others_down(digits: dict[str,
     with pytest.raises(RankFailedError, match=r"rank 1 was killed by signal 9"):
         train_processes(cfg, 2, on_progress=seen.append, on_start=pids.extend, should_stop=kill_rank1_after_two_steps)
     assert time.monotonic() - started < 60
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_an_error_in_a_rank_is_raised_with_its_type(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from simmim_service.settings import Settings
+from tests.services import alive
 from worker.cli import Supervisor, WorkerProcess, settings_env, worker_commands
 
 
@@ -95,14 +96,6 @@ def test_kill_takes_down_a_worker_that_ignores_sigterm_with_its_children(tmp_pat
     thread.join(timeout=10)
     assert not thread.is_alive()
     deadline = time.monotonic() + 10
-    while any(_running(pid) for pid in (parent, child)) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in (parent, child)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_running(pid) for pid in (parent, child))
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
+    assert not any(alive(pid) for pid in (parent, child))

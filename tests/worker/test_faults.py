@@ -26,7 +26,7 @@ from jobstore import repo
 from jobstore.states import JobStatus
 from simmim.checkpoint import CheckpointManager
 from simmim_service.reaper import Reaper
-from tests.services import free_port, postgres_database, unavailable
+from tests.services import alive, free_port, postgres_database, unavailable
 from tests.worker.stack import Stack, celery_worker, make_stack
 from worker.claim import parse_identity
 
@@ -242,20 +242,12 @@ def test_cancel_ignored_by_a_hung_process_terminates_it_after_the_grace_period(
         job = stack.wait_for(job_id, lambda j: j.status == JobStatus.CANCELLED, timeout=30)
         took = time.monotonic() - asked
         deadline = time.monotonic() + 10
-        while _exists(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _exists(pid), "the hung pool process is still alive"
+        assert not alive(pid), "the hung pool process is still alive"
         # The worker replaced its pool process and takes the next job.
         next_job = stack.create_job(digits["train"], max_steps=2)
         assert stack.submit(next_job).get(timeout=120) == "succeeded"
     assert 2.0 <= took < 15, took
     assert job.progress["step"] == 3
     assert any("did not stop within 2 s of the cancel" in m for m in logs(stack, job_id))
-
-
-def _exists(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")

@@ -10,7 +10,7 @@ import pytest
 
 from jobstore import repo
 from jobstore.states import JobStatus
-from tests.simmim.test_launch import _alive
+from tests.services import alive
 from tests.worker.stack import Stack, celery_worker
 
 
@@ -37,7 +37,7 @@ def test_two_gpu_job_runs_to_success_as_two_processes(pair: Stack, digits: dict[
     assert job.status == JobStatus.SUCCEEDED
     assert job.progress["step"] == job.progress["total_steps"] == 6
     pids = _rank_pids(pair, job_id)
-    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
     records = pair.read(lambda s: repo.list_checkpoints(s, job_id=job_id))
     assert sorted((r.kind, r.step) for r in records) == [("checkpoint", 3), ("checkpoint", 6), ("encoder", 6)]
     for record in records:  # recorded files exist where the key says, under this job only
@@ -54,13 +54,13 @@ def test_cancel_stops_both_processes(pair: Stack, digits: dict[str, Path], recor
     result = pair.submit(job_id, gpus=2)
     pair.wait_for(job_id, lambda j: j.progress.get("step", 0) >= 2, timeout=120)
     pids = _rank_pids(pair, job_id)
-    assert all(_alive(pid) for pid in pids)
+    assert all(alive(pid) for pid in pids)
     with pair.sessions.begin() as s:
         repo.request_cancel(s, job_id=job_id)
 
     job = pair.wait_for(job_id, lambda j: j.status == JobStatus.CANCELLED, timeout=30)
     assert result.get(timeout=30) == "cancelled"
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
     (stop,) = pair.read(lambda s: repo.list_checkpoints(s, job_id=job_id))
     assert stop.step == job.progress["step"] >= 2 and not stop.final
 
