@@ -35,7 +35,14 @@ CHROMIUM = os.environ.get("SIMMIM_TEST_CHROMIUM") or shutil.which("chromium") or
 pytestmark = pytest.mark.slow
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Locator, LocatorAssertions, Page
+
+
+def expect(locator: Locator) -> LocatorAssertions:
+    """Playwright's retrying assertions (imported late: without playwright the module skips, not errors)."""
+    from playwright.sync_api import expect as playwright_expect
+    playwright_expect.set_options(timeout=30_000)  # the CI box has 2 loaded cores, not 5 s of patience
+    return playwright_expect(locator)
 
 
 @dataclass
@@ -160,7 +167,7 @@ def test_page_asks_for_the_key_and_lists_real_jobs(page: Page, service: Service,
     row = page.locator(f'tr[data-job-id="{finished_job["id"]}"]')
     row.wait_for()
     assert row.get_attribute("data-status") == "succeeded"
-    assert "12 / 12" in row.locator(".job-progress").inner_text()
+    expect(row.locator(".job-progress")).to_contain_text("12 / 12")
     _snap(service, page, "01_jobs_list")
     assert page.evaluate("localStorage.getItem('simmim.apiKey')") == KEY
     page.click("#forget-key")
@@ -182,7 +189,7 @@ def test_live_progress_moves_and_the_cancel_button_cancels(page: Page, service: 
     first = int(step.get_attribute("data-step") or 0)
     page.wait_for_function(f"() => Number(document.querySelector('#job-progress-text').dataset.step) > {first + 3}",
                            timeout=60_000)
-    assert page.locator("#job-status").inner_text() == "running"
+    expect(page.locator("#job-status")).to_have_text("running")
     page.wait_for_function("() => Number(document.querySelector('#loss-canvas').dataset.points) >= 2")
     assert page.locator('#events li[data-type="metrics"]').count() >= 2  # from the live stream
     _snap(service, page, "02_job_running")
@@ -200,10 +207,11 @@ def test_finished_job_shows_checkpoints_downloads_and_neighbours(page: Page, ser
                                                                   finished_job: dict[str, Any]) -> None:
     page.goto(f"{service.url}/#/jobs/{finished_job['id']}")
     page.locator("#job-view").wait_for(state="visible")
-    assert page.locator("#job-status").inner_text() == "succeeded"
-    assert page.locator("#job-progress-text").get_attribute("data-step") == "12"
+    # the view shows before its first fetch answers: wait for the data, never read a half-drawn page
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    expect(page.locator("#job-progress-text")).to_have_attribute("data-step", "12")
     page.locator('#events li[data-type="status"]', has_text="succeeded").wait_for()  # the stream replayed it all
-    assert page.locator("#loss-canvas").get_attribute("data-points") == "12"  # history + stream, no duplicates
+    expect(page.locator("#loss-canvas")).to_have_attribute("data-points", "12")  # history + stream, no duplicates
     rows = page.locator("#checkpoints-table tbody tr")
     rows.first.wait_for()
     encoder = next(c for c in service.client.checkpoints(finished_job["id"]) if c["kind"] == "encoder")
