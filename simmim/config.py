@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from simmim.data.archives import DEFAULT_MAX_MEMBER_BYTES
 from simmim.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,6 +59,15 @@ class DataConfig(_Section):
         default=True,
         description="Keep DataLoader workers alive across epochs (the epoch travels with each sampled "
         "index, so every sample stays a pure function of (seed, epoch, index)).",
+    )
+    max_member_bytes: int = Field(
+        default=DEFAULT_MAX_MEMBER_BYTES, ge=1,
+        description="Largest decompressed archive member read; larger ones are skipped (zip bombs).",
+    )
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders every image of a .txt list must lie in, symlinks and '..' resolved "
+        "(a service's allowed dataset roots). Empty: anywhere.",
     )
 
 

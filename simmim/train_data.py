@@ -87,7 +87,8 @@ def decode_on_device(cfg: TrainConfig, device: torch.device) -> bool:
 
 def build_train_data(cfg: TrainConfig, mask_generator: MaskGenerator, rt: Runtime) -> TrainData:
     """Open the source and set up this rank's share of every epoch."""
-    source = open_source(cfg.data.source)
+    source = open_source(cfg.data.source, max_member_bytes=cfg.data.max_member_bytes,
+                         allowed_roots=cfg.data.allowed_roots)
     o = cfg.optim
     per_epoch = steps_per_epoch(len(source), o.batch_size, rt.world_size, o.accumulation_steps)
     if per_epoch == 0:

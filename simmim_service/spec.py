@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 
 from simmim.config import CONVNET_REMASK_DEFAULT, TrainConfig, format_validation_error
+from simmim.data.sources import LIST_SUFFIXES, ListFileSource
+from simmim.errors import DataError
 from simmim.masking import check_mask_geometry
 from simmim_service import model_catalog
 from simmim_service.settings import Settings
@@ -175,6 +177,11 @@ def check_dataset(location: str, settings: Settings) -> list[Problem]:
                                             f"({', '.join(map(str, roots))}); symlinks are resolved first"}]
     if not resolved.exists():
         return [{"field": field, "message": f"{raw} does not exist"}]
+    if roots and resolved.is_file() and resolved.name.lower().endswith(LIST_SUFFIXES):
+        try:  # the list itself is inside a root; every image it names must be too
+            ListFileSource(resolved, confine_to=roots)
+        except DataError as err:
+            return [{"field": field, "message": str(err)}]
     return []
 
 

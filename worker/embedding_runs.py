@@ -67,7 +67,7 @@ def _embed(ctx: WorkerContext, job_id: str, run_id: str, dataset: str, options: 
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     settings = ctx.settings
     source = open_source(dataset_path(dataset, Path(settings.work_dir), settings.dataset_storage_options),
-                         max_member_bytes=settings.max_archive_member_bytes)
+                         max_member_bytes=settings.max_archive_member_bytes, allowed_roots=settings.allowed_roots)
     embedder = load_encoder(ctx, job_id, options.get("checkpoint_id"))
     progress = _ProgressWriter(ctx, run_id, tries)
     result = embedder.embed_source(source, batch_size=int(options.get("batch_size") or BATCH_SIZE),

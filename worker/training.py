@@ -131,9 +131,13 @@ class PretrainAttempt:
             raise ConfigError([f"{p['field']}: {p['message']}" for p in problems])
         settings = self.ctx.settings
         location = dataset_path(spec.dataset, Path(settings.work_dir), settings.dataset_storage_options)
-        source = open_source(location, max_member_bytes=settings.max_archive_member_bytes)
+        source = open_source(location, max_member_bytes=settings.max_archive_member_bytes,
+                             allowed_roots=settings.allowed_roots)
         check_sample(source, self.ctx.settings.max_image_pixels)
         cfg = train_config(spec.training, source=str(location), output_dir=str(self.outputs.directory))
+        # The training processes open the source again: with the same limits as here.
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+            "max_member_bytes": settings.max_archive_member_bytes, "allowed_roots": list(settings.allowed_roots)})})
         if overrides:  # an earlier attempt backed off after running out of memory
             optim: dict[str, Any] = {k: overrides[k] for k in ("batch_size", "accumulation_steps") if k in overrides}
             cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update=optim)})

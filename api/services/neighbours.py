@@ -198,7 +198,8 @@ def _source(location: str, settings: Settings) -> tuple[Any, dict[str, int]]:
     cached: tuple[Any, dict[str, int]] | None = _sources.get(location)
     if cached is not None:
         return cached
-    source = open_source(location, max_member_bytes=settings.max_archive_member_bytes)
+    source = open_source(location, max_member_bytes=settings.max_archive_member_bytes,
+                         allowed_roots=settings.allowed_roots)
     value = (source, {source.name(i): i for i in range(len(source))})
     _sources.put(location, value)
     return value

@@ -7,6 +7,7 @@ machine and every run; resumable sampling depends on that.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -116,12 +117,16 @@ class ListFileSource:
 
     Args:
         txt_path: The UTF-8 list file.
+        confine_to: Folders every listed image must lie in once symlinks and ``..`` are
+            resolved (a service's allowed dataset roots: a list file inside them must not
+            reach images outside). Empty or None: anywhere.
 
     Raises:
-        DataError: If the list file cannot be read as UTF-8 text.
+        DataError: If the list file cannot be read as UTF-8 text, or lists images outside
+            ``confine_to``.
     """
 
-    def __init__(self, txt_path: str | Path) -> None:
+    def __init__(self, txt_path: str | Path, *, confine_to: Sequence[str | Path] | None = None) -> None:
         self.txt_path = Path(txt_path)
         try:
             lines = self.txt_path.read_text(encoding="utf-8").splitlines()
@@ -138,6 +143,18 @@ class ListFileSource:
             if entry and not entry.startswith("#"):
                 self._names.append(entry)
                 self._paths.append(base / Path(entry).expanduser())
+        if confine_to:
+            self._check_confined([Path(root).resolve() for root in confine_to])
+
+    def _check_confined(self, roots: list[Path]) -> None:
+        outside = [name for name, path in zip(self._names, self._paths, strict=True)
+                   if not any(path.resolve().is_relative_to(root) for root in roots)]
+        if outside:
+            shown = ", ".join(repr(name) for name in outside[:3])
+            raise DataError(
+                f"image list {self.txt_path} names {len(outside)} image(s) outside the allowed dataset roots "
+                f"({', '.join(map(str, roots))}), e.g. {shown}; symlinks and '..' are resolved first"
+            )
 
     def __len__(self) -> int:
         return len(self._names)
@@ -154,7 +171,8 @@ class ListFileSource:
         return f"ListFileSource({str(self.txt_path)!r}, images={len(self)})"
 
 
-def open_source(location: str | Path, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ImageSource:
+def open_source(location: str | Path, *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                allowed_roots: Sequence[str | Path] | None = None) -> ImageSource:
     """Open a folder, list file or archive as an image source, chosen by what the path is.
 
     Archives are read in place, never extracted; their links, absolute or ``..`` names and
@@ -164,12 +182,16 @@ def open_source(location: str | Path, *, max_member_bytes: int = DEFAULT_MAX_MEM
         location: A folder (searched recursively), a ``.txt`` file with one image path per
             line, or a ``.tar``/``.tar.gz``/``.tgz``/``.zip`` archive.
         max_member_bytes: Largest decompressed archive member to read (zip bombs).
+        allowed_roots: Folders a ``.txt`` list's images must lie in (see ListFileSource).
+            Folders and archives are confined by construction: a folder's symlinks may not
+            leave it and archives are read in place.
 
     Returns:
         The source, holding at least one image.
 
     Raises:
-        DataError: If the path does not exist, is an unsupported file type, or holds no images.
+        DataError: If the path does not exist, is an unsupported file type, holds no images,
+            or is a list naming images outside ``allowed_roots``.
     """
     path = Path(location).expanduser()
     if not path.exists():
@@ -179,7 +201,7 @@ def open_source(location: str | Path, *, max_member_bytes: int = DEFAULT_MAX_MEM
     if path.is_dir():
         source = FolderSource(path)
     elif lower.endswith(LIST_SUFFIXES):
-        source = ListFileSource(path)
+        source = ListFileSource(path, confine_to=allowed_roots)
     elif lower.endswith(TAR_SUFFIXES):
         source = TarSource(path, max_member_bytes)
     elif lower.endswith(ZIP_SUFFIXES):

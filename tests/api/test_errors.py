@@ -53,6 +53,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     settings = make_settings(tmp, f"sqlite:///{tmp / 'jobs.db'}")
     root = Path(settings.allowed_roots[0])
     (root / "escape").symlink_to(tmp)  # a link that leaves the allowed root
+    # a list inside the allowed root that names an image outside it, once via '..'
+    (root / "leaky.txt").write_text(f"digits/0/a.png\n{tmp}/secret.png\ndigits/../../secret.png\n")
     with live_api(settings, FakeDispatcher()) as live:
         alice = live.client(ALICE)
         queued = alice.post("/v1/jobs", json=job_body(settings), headers={"Idempotency-Key": "idem-1"}).json()["id"]
@@ -115,6 +117,8 @@ CASES: list[tuple[str, Call, int, tuple[str, ...]]] = [
     ("relative-path", dataset(lambda w: "datasets/digits"), 422, ("must be absolute",)),
     ("symlink-escape", dataset(lambda w: f"{w.root}/escape"), 422, ("outside the allowed dataset roots",)),
     ("nonexistent-dataset", dataset(lambda w: f"{w.root}/missing"), 422, ("does not exist",)),
+    ("list-names-images-outside", dataset(lambda w: f"{w.root}/leaky.txt"), 422,
+     ("leaky.txt", "names 2 image(s) outside the allowed dataset roots", "secret.png")),
     ("unsupported-scheme", dataset(lambda w: "ftp://host/images.tar"), 422, ("unsupported scheme",)),
     ("http-not-archive", dataset(lambda w: "https://host/images/"), 422, (".tar", "archive")),
     ("no-key", post_job(key=None), 401, ("Authorization: Bearer",)),
@@ -177,6 +181,9 @@ CASES: list[tuple[str, Call, int, tuple[str, ...]]] = [
     ("embedding-run-bad-dataset", lambda w: w.client(ALICE).post(f"/v1/jobs/{w.succeeded}/embedding-runs",
                                                                  json={"dataset": "relative/dir"}), 422,
      ("dataset", "absolute")),
+    ("embedding-run-list-outside", lambda w: w.client(ALICE).post(f"/v1/jobs/{w.succeeded}/embedding-runs",
+                                                                  json={"dataset": f"{w.root}/leaky.txt"}), 422,
+     ("dataset", "outside the allowed dataset roots")),
     ("unknown-route", get("/v1/nothing-here"), 404, ("no route GET /v1/nothing-here",)),
     ("method-not-allowed", lambda w: w.client(ALICE).delete("/v1/jobs"), 405, ("DELETE", "allowed: POST")),
 ]

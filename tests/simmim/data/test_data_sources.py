@@ -57,6 +57,22 @@ def test_list_file_comments_blanks_and_relative_paths(image_folder: Path, tmp_pa
     assert info.value.name == "missing.png"
 
 
+def test_a_confined_list_refuses_images_outside_its_roots(image_folder: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes((image_folder / "sub" / "b.png").read_bytes())
+    (image_folder / "link.png").symlink_to(outside / "secret.png")
+    listing = image_folder / "list.txt"
+    listing.write_text(f"a.jpg\nsub/b.png\n{outside}/secret.png\nsub/../../private/secret.png\nlink.png\n")
+    assert len(ListFileSource(listing)) == 5  # the library alone reads what it is given
+    with pytest.raises(DataError, match=r"names 3 image\(s\) outside the allowed dataset roots") as info:
+        open_source(listing, allowed_roots=[image_folder])
+    assert "secret.png" in str(info.value) and "link.png" in str(info.value)
+    listing.write_text("a.jpg\nsub/b.png\n")
+    confined = open_source(listing, allowed_roots=[tmp_path / "elsewhere", image_folder])
+    assert len(confined) == 2 and confined.read_bytes(1) == (image_folder / "sub" / "b.png").read_bytes()
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     member = tarfile.TarInfo(name)
     member.size = len(data)
