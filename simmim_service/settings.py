@@ -74,6 +74,9 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="Wait before the first webhook retry; doubled after each failure "
                                         "(at most an hour)")
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="Seconds one webhook POST may take")
+    webhook_allow_private: bool = Field(
+        default=True, description="Allow webhook URLs on loopback, private, link-local and other non-public "
+        "addresses. Set false where API keys go to people who must not reach your internal network (SSRF)")
 
     @property
     def is_local_artifacts(self) -> bool:

@@ -16,6 +16,7 @@ from simmim.data.sources import LIST_SUFFIXES, ListFileSource
 from simmim.errors import DataError
 from simmim.masking import check_mask_geometry
 from simmim_service import model_catalog
+from simmim_service.addresses import AddressRefused, checked_addresses
 from simmim_service.settings import Settings
 
 REMOTE_SCHEMES = ("http://", "https://", "s3://")
@@ -194,6 +195,22 @@ def check_gpus(training: TrainingSpec, settings: Settings) -> list[Problem]:
     return []
 
 
+def check_webhook(webhook: WebhookSpec | None, settings: Settings) -> list[Problem]:
+    """Unless private addresses are allowed, the webhook host must resolve to public ones only.
+
+    Checked again on every delivery, which connects only to addresses it has just checked.
+    """
+    if webhook is None or settings.webhook_allow_private:
+        return []
+    url = webhook.url
+    try:
+        checked_addresses(url.host or "", url.port or 443, allow_private=False)
+    except AddressRefused as err:
+        return [{"field": "webhook.url", "message": str(err)}]
+    return []
+
+
 def check_job(job: JobCreate, settings: Settings) -> list[Problem]:
     """Every problem with a job spec; empty when it may be queued."""
-    return check_dataset(job.dataset, settings) + check_training(job.training) + check_gpus(job.training, settings)
+    return (check_dataset(job.dataset, settings) + check_training(job.training) + check_gpus(job.training, settings)
+            + check_webhook(job.webhook, settings))

@@ -19,8 +19,11 @@ hour), until ``webhook_max_attempts`` tries; then the row is ``failed`` and the 
 ``log`` event saying so. Delivery is at least once: receivers de-duplicate on the event id.
 
 Only ``http``/``https`` URLs are accepted (``JobCreate`` checks), redirects are not followed,
-and the requests leave from the API process: firewall it accordingly (SSRF). The secret is
-never logged.
+proxy variables are ignored, and the requests leave from the API process. With
+``webhook_allow_private`` false (docker-compose's default) a URL whose host is or resolves to a
+loopback, private, link-local or other non-public address is refused when the job is created,
+and again when each try connects, to an address it has just checked (SSRF and DNS rebinding;
+:mod:`simmim_service.addresses`). The secret is never logged.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobstore import repo
+from simmim_service.addresses import AddressRefused, checked_addresses
 from simmim_service.periodic import Periodic
 from simmim_service.settings import Settings
 
@@ -86,18 +91,50 @@ def _host(url: str) -> str:
     return urlsplit(url).netloc.rsplit("@", 1)[-1]  # never log credentials in the URL
 
 
+class GuardedBackend(httpcore.SyncBackend):
+    """Connects only to addresses ``checked_addresses`` allows, resolving each name itself.
+
+    TLS still verifies the certificate against the URL's host name: httpcore passes that
+    name to the TLS handshake, not the address connected to.
+    """
+
+    def __init__(self, *, allow_private: bool) -> None:
+        self.allow_private = allow_private
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore.NetworkStream:
+        try:
+            addresses = checked_addresses(host, port, allow_private=self.allow_private)
+        except AddressRefused as err:
+            raise httpcore.ConnectError(str(err)) from err
+        failure: httpcore.ConnectError | None = None
+        for address in addresses:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as err:
+                failure = err
+        raise failure or httpcore.ConnectError(f"{host} has no address")
+
+
+#: What one try can fail with, short of a programming error.
+_REQUEST_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
+                   httpcore.UnsupportedProtocol, OSError)
+
+
 class WebhookDeliverer(Periodic):
     """Sends due webhook deliveries of one job store, in a daemon thread (``start``/``stop``)."""
 
     name = "simmim-webhooks"
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session],
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         super().__init__()
         self.settings, self.sessions = settings, sessions
         self.interval_s = max(0.05, min(1.0, settings.webhook_backoff_s / 4))
-        self.http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, transport=transport,
-                                 headers={"User-Agent": USER_AGENT})
+        # httpcore, not an httpx.Client: only its pool takes a network backend, which is where
+        # names are resolved and addresses checked. It never follows redirects or reads proxy variables.
+        self.pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(), max_connections=10,
+            network_backend=GuardedBackend(allow_private=settings.webhook_allow_private))
 
     def run_once(self) -> list[Outcome]:
         """Claim what is due, POST each, record each result. Returns what happened."""
@@ -132,16 +169,19 @@ class WebhookDeliverer(Periodic):
         """One try; None when the receiver answered 2xx, else what went wrong."""
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
         stamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", "X-SimMIM-Event-Id": delivery_id,
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "X-SimMIM-Event-Id": delivery_id,
                    "X-SimMIM-Timestamp": stamp, "X-SimMIM-Signature": sign(str(hook["secret"]), delivery_id, stamp, body)}
-        try:
-            response = self.http.post(str(hook["url"]), content=body, headers=headers)
-        except httpx.HTTPError as err:
+        limit = self.settings.webhook_timeout_s
+        try:  # only the status line and headers are read: a body that never ends cannot hold the thread
+            with self.pool.stream("POST", str(hook["url"]), headers=list(headers.items()), content=body, extensions={
+                    "timeout": {"connect": limit, "read": limit, "write": limit, "pool": limit}}) as response:
+                status = response.status
+        except _REQUEST_ERRORS as err:
             return f"{type(err).__name__}: {err}"[:500]
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {response.status_code}"
+        return f"HTTP {status}"
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
-        self.http.close()
+        self.pool.close()

@@ -24,6 +24,7 @@ import pytest
 
 from jobstore import repo
 from jobstore.states import JobStatus
+from simmim_service.addresses import is_public
 from simmim_service.webhooks import sign, verify
 from tests.api.conftest import ALICE, assert_problem, job_body, live_api, make_settings
 from tests.api.fakes import FakeDispatcher
@@ -252,3 +253,51 @@ def test_signature_recipe_matches_the_readme() -> None:
     old = {**headers, "X-SimMIM-Timestamp": str(int(time.time()) - 3600)}
     old["X-SimMIM-Signature"] = sign(SECRET, "whd_1", old["X-SimMIM-Timestamp"], body)
     assert scope["verify_simmim_webhook"](SECRET, old, body) is False
+
+
+@pytest.mark.parametrize(("address", "public"), [
+    ("8.8.8.8", True), ("2001:4860:4860::8888", True), ("127.0.0.1", False), ("::1", False),
+    ("10.1.2.3", False), ("172.20.0.5", False), ("192.168.1.1", False), ("169.254.169.254", False),
+    ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False), ("fd00::1", False),
+    ("fe80::1%eth0", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),
+])
+def test_which_addresses_are_public(address: str, public: bool) -> None:
+    assert is_public(address) is public
+
+
+def test_without_private_addresses_the_api_refuses_internal_hooks(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", webhook_allow_private=False)
+    with live_api(settings, FakeDispatcher()) as api:
+        alice = api.client(ALICE)
+        for url, words in [("http://127.0.0.1:6379/", "127.0.0.1 is not a public address"),
+                           ("http://localhost:8000/hook", "localhost resolves to"),
+                           ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is not a public"),
+                           ("http://[::1]:9/h", "::1 is not a public address"),
+                           ("http://0x7f000001/", "is not a public address")]:
+            refused = alice.post("/v1/jobs", json={**job_body(settings), "webhook": {"url": url, "secret": SECRET}})
+            problem = assert_problem(refused, 422, "webhook.url")
+            assert words in refused.text and "SIMMIM_WEBHOOK_ALLOW_PRIVATE" in refused.text, problem
+        with api.sessions() as s:
+            assert repo.list_jobs(s, tenant="alice") == ([], False)
+
+
+def test_delivery_never_connects_to_a_private_address_when_they_are_not_allowed(
+        tmp_path: Path, receiver: Receiver) -> None:
+    """The address is checked again at delivery (the name may resolve differently by then)."""
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", webhook_backoff_s=0.1,
+                             webhook_max_attempts=2, webhook_allow_private=False)
+    with live_api(settings, FakeDispatcher()) as api:
+        with api.sessions.begin() as s:  # as if the API had let it through
+            job, _ = repo.create_job(s, tenant="alice", spec={"dataset": "/d", "training": {}},
+                                     webhook={"url": receiver.url, "secret": SECRET})
+            repo.request_cancel(s, job_id=job.id)
+        deadline = time.monotonic() + 10
+        while True:
+            with api.sessions() as s:
+                (delivery,) = repo.list_webhook_deliveries(s, job_id=job.id)
+            if delivery.status == "failed":
+                break
+            assert time.monotonic() < deadline, delivery.status
+            time.sleep(0.05)
+        assert "127.0.0.1 is not a public address" in (delivery.last_error or ""), delivery.last_error
+        assert receiver.requests == []
