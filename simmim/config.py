@@ -163,6 +163,13 @@ class RunConfig(_Section):
         description="Steps between progress reports. The loss stays on the device in between: it is "
         "read, and checked for NaN/inf, only every log_every steps and before every checkpoint.",
     )
+    log_interval_s: float | None = Field(
+        default=None, gt=0,
+        description="Also report when this many seconds have passed since the last report, so a long "
+        "log_every still gives timely progress (a service sets it and a huge log_every). Under DDP "
+        "the ranks agree on it with a per-step all-reduce of two flags (the one a should_stop "
+        "callback already costs).",
+    )
     preview_images: int = Field(
         default=8, ge=0, le=64,
         description="Images in the reconstruction preview written at every checkpoint "

@@ -1,8 +1,9 @@
 """The one SimMIM training path: data, AdamW, schedule, accumulation, checkpoints, progress.
 
 The loss stays on the device between reports: a step never waits for the GPU. Losses are
-read (one host sync), averaged across DDP ranks and checked for NaN/inf every ``run.log_every``
-steps and before every checkpoint, so a checkpoint never holds weights from a non-finite step.
+read (one host sync), averaged across DDP ranks and checked for NaN/inf at each report (every
+``run.log_every`` steps, and every ``run.log_interval_s`` seconds when set) and before every
+checkpoint, so a checkpoint never holds weights from a non-finite step.
 
 Every sample is a pure function of (seed, epoch, index) and the sampler's order of
 (seed, epoch), so resuming at step ``s`` only needs the weights, the optimiser state, the
@@ -89,7 +90,8 @@ def train(
 
     Args:
         cfg: The validated configuration.
-        on_progress: Called on the main process every ``run.log_every`` steps and at the end.
+        on_progress: Called on the main process every ``run.log_every`` steps (and every
+            ``run.log_interval_s`` seconds when set) and at the end.
         should_stop: Polled every step; when it returns True the run checkpoints and returns.
         resume: Continue from the newest valid checkpoint in ``run.output_dir`` if any.
         on_checkpoint: Called on the main process right after each checkpoint is saved
@@ -156,6 +158,7 @@ class _Trainer:
         self.resumed: CheckpointInfo | None = None
         # (step, loss on the device) of the steps taken since the losses were last read
         self.pending: list[tuple[int, torch.Tensor]] = []
+        self.reported_at = time.monotonic()  # for run.log_interval_s
 
     def _wrap_model(self) -> nn.Module:
         module: nn.Module = self.model
@@ -214,13 +217,14 @@ class _Trainer:
                 self.pending.append((self.step, self._optimizer_step(micro)))
                 self.step += 1
                 meter.end_step()
-                if self.step % self.cfg.run.log_every == 0 or self.step == self.total:
+                stop, report_now = self._agree(self._report_interval_elapsed())
+                if report_now or self.step % self.cfg.run.log_every == 0 or self.step == self.total:
                     loss_value = self._read_losses()
                     assert loss_value is not None
                     self._report(meter, epoch, loss_value)
                 if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.total:
                     last_ckpt = self._checkpoint(final=False)
-                if self._stop_requested():
+                if stop:
                     return _newest(self._read_losses(), loss_value), True, last_ckpt
         return _newest(self._read_losses(), loss_value), False, last_ckpt
 
@@ -247,21 +251,25 @@ class _Trainer:
                 raise NonFiniteLossError(step, value)
         return float(values[-1])
 
-    def _stop_requested(self) -> bool:
-        """Whether to stop now; under DDP, True on every rank as soon as any rank asks.
+    def _report_interval_elapsed(self) -> bool:
+        interval = self.cfg.run.log_interval_s
+        return interval is not None and time.monotonic() - self.reported_at >= interval
 
-        Ranks may see a stop signal (a shared event, SIGTERM) at different steps; stopping
-        on one rank only would leave the others waiting in the next all-reduce forever.
-        ``should_stop`` must be given on every rank or on none.
+    def _agree(self, report_now: bool) -> tuple[bool, bool]:
+        """(stop now, report now); under DDP each is True on every rank as soon as any rank says so.
+
+        Ranks may see a stop signal (a shared event, SIGTERM) or a report interval end at
+        different steps; acting on one rank only would leave the others waiting in the next
+        all-reduce forever. ``should_stop`` must be given on every rank or on none. Without a
+        ``should_stop`` and a ``log_interval_s`` nothing needs agreeing: no all-reduce.
         """
-        if self.should_stop is None:
-            return False
-        local = bool(self.should_stop())
-        if not self.rt.distributed:
-            return local
-        flag = torch.tensor(float(local), device=self.rt.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        stop = self.should_stop is not None and bool(self.should_stop())
+        if not self.rt.distributed or (self.should_stop is None and self.cfg.run.log_interval_s is None):
+            return stop, report_now
+        flags = torch.tensor([float(stop), float(report_now)], device=self.rt.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        agreed = flags.tolist()
+        return agreed[0] > 0, agreed[1] > 0
 
     def _optimizer_step(self, micro: list[dict[str, Any]]) -> torch.Tensor:
         """One optimiser step; returns this rank's mean loss as a 0-d tensor on the device
@@ -288,6 +296,7 @@ class _Trainer:
         return total_loss
 
     def _report(self, meter: _Meter, epoch: int, loss: float) -> None:
+        self.reported_at = time.monotonic()
         if not self.rt.is_main:
             return
         lr = self.optimizer.param_groups[0]["lr"]

@@ -64,6 +64,18 @@ def run_pretrain(job_id: str, settings: Settings, worker_name: str, *,
         return "superseded"
 
 
+def report_cadence(progress_interval_s: float) -> dict[str, Any]:
+    """``run`` settings that report progress about as often as the store takes it.
+
+    Each report reads the loss back from the device (a host sync that drains the GPU's queue),
+    so the engine reports by time, every ``progress_interval_s``, not every step; with an
+    interval of 0 (every report stored) it reports every step.
+    """
+    if progress_interval_s <= 0:
+        return {"log_every": 1, "log_interval_s": None}
+    return {"log_every": 1_000_000_000, "log_interval_s": progress_interval_s}
+
+
 class OutOfMemoryGaveUp(MemoryError):
     """Out of memory at the smallest micro-batch: nothing left to back off to."""
 
@@ -146,8 +158,7 @@ class PretrainAttempt:
             raise DataError(f"{spec.dataset} has {len(source)} images but one optimiser step needs {need} "
                             "(batch_size x accumulation_steps x gpus); add images or lower training.batch_size")
         self._restore_remote_checkpoint()
-        # Report every step: the worker throttles what reaches the store by time instead.
-        return cfg.model_copy(update={"run": cfg.run.model_copy(update={"log_every": 1})})
+        return cfg.model_copy(update={"run": cfg.run.model_copy(update=report_cadence(settings.progress_interval_s))})
 
     def _restore_remote_checkpoint(self) -> None:
         """On a remote store, bring the run directory up to the newest recorded checkpoint.

@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,28 @@ def test_progress_reports_are_complete(digits: dict[str, Path], tmp_path: Path) 
     points = read_metrics(tmp_path / "run" / "metrics.jsonl", "loss")
     assert [p["step"] for p in points] == [1, 2, 3, 4, 5, 6]
     assert set(points[0]) == {"key", "value", "step", "timestamp"}
+
+
+def test_reports_come_by_time_when_log_every_is_long(digits: dict[str, Path], tmp_path: Path) -> None:
+    """``run.log_interval_s``: the loss is read at most about that often, and always at the end."""
+    def slow_steps() -> bool:  # polled once a step: each step takes at least 40 ms
+        time.sleep(0.04)
+        return False
+
+    seen: list[Progress] = []
+    cfg = tiny_config(digits["train"], tmp_path / "timed", optim={"max_steps": 12},
+                      run={"log_every": 1000, "log_interval_s": 0.1, "checkpoint_every": 1000})
+    train(cfg, on_progress=seen.append, should_stop=slow_steps)
+    steps = [p.step for p in seen]
+    assert steps[-1] == 12 and 3 <= len(steps) <= 8, steps  # every 2-3 steps, not every one
+    points = read_metrics(tmp_path / "timed" / "metrics.jsonl", "loss")
+    assert [p["step"] for p in points] == steps
+
+    quiet: list[Progress] = []
+    cfg = tiny_config(digits["train"], tmp_path / "quiet", optim={"max_steps": 12},
+                      run={"log_every": 1000, "log_interval_s": 3600.0, "checkpoint_every": 1000})
+    train(cfg, on_progress=quiet.append)
+    assert [p.step for p in quiet] == [12]  # the end is always reported
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(digits: dict[str, Path], tmp_path: Path) -> None:

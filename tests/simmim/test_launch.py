@@ -44,6 +44,22 @@ def test_two_processes_match_one_process_with_double_batch(digits: dict[str, Pat
         assert torch.allclose(tensor, b["model"][name], atol=1e-4), name
 
 
+def test_ranks_agree_on_reports_by_time(digits: dict[str, Path], tmp_path: Path) -> None:
+    """Reports by time under DDP: every rank reads the losses at the same steps, and the run ends.
+
+    The ranks' clocks can end an interval at different steps (rarely here: the per-step
+    all-reduce keeps them within a millisecond, so this cannot force a disagreement); the
+    engine takes the MAX of their flags so none is left alone in the loss all-reduce.
+    """
+    seen: list[Progress] = []
+    cfg = tiny_config(digits["train"], tmp_path / "run", optim={"batch_size": 8, "max_steps": 16},
+                      run={"log_every": 1000, "log_interval_s": 0.05, "checkpoint_every": 1000})
+    result = train_processes(cfg, 2, on_progress=seen.append)
+    assert result.steps == 16 and not result.stopped
+    steps = [p.step for p in seen]
+    assert steps[-1] == 16 and steps == sorted(set(steps)) and len(steps) >= 2, steps
+
+
 def test_stop_request_stops_every_rank_at_one_step_with_a_checkpoint(digits: dict[str, Path],
                                                                       tmp_path: Path) -> None:
     cfg = tiny_config(digits["train"], tmp_path / "run", optim={"batch_size": 8, "max_steps": 1000},
