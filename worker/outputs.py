@@ -5,7 +5,9 @@ On a local (or shared-volume) store the engine writes straight into
 to ``<work_dir>/jobs/<job_id>/`` and every finished file is uploaded under the same key;
 a new attempt on another machine downloads the newest checkpoint before resuming, and the
 checkpoints the trainer prunes (``keep_last``) are deleted from the store as well, so that the
-store's ``checkpoints/`` folder mirrors the run directory's (as the job's records do).
+store's ``checkpoints/`` folder mirrors the run directory's (as the job's records do). Once
+the job has finished (succeeded, failed or cancelled) and its files are uploaded, the scratch
+copy is deleted: a worker's disk holds only the jobs it is running or may resume.
 Job records only ever hold keys relative to the store root.
 """
 
@@ -153,6 +155,23 @@ class JobOutputs:
             if self.restore_checkpoint(key):
                 return key
         return None
+
+
+    def discard_scratch(self) -> bool:
+        """Delete the run directory of a finished job from this worker's scratch space.
+
+        Only on a remote store, where the directory is a worker-local copy (on a local store it
+        *is* the store). Call it once the job's files are in the store. Returns whether it
+        deleted anything; a failure is logged, never raised.
+        """
+        if self.store.is_local or not self.directory.exists():
+            return False
+        try:
+            shutil.rmtree(self.directory)
+        except OSError as err:
+            log.warning("could not delete the scratch copy %s of a finished job: %s", self.directory, err)
+            return False
+        return True
 
 
 def download(store: ArtifactStore, key: str, target: Path) -> Path:

@@ -92,6 +92,30 @@ class PretrainAttempt:
         self.faults = Faults.from_env()
 
     def execute(self) -> str:
+        outcome = self._execute()
+        if outcome in ("succeeded", "failed", "cancelled"):
+            self._clean_scratch(outcome)
+        return outcome
+
+    def _clean_scratch(self, outcome: str) -> None:
+        """On a remote store: upload what a failed or cancelled run logged, then free the disk."""
+        if self.outputs.store.is_local:
+            return
+        if outcome != "succeeded":  # success published them already
+            try:
+                self._publish_logs()
+            except Exception as err:  # the job has ended; a lost log file must not change that
+                log.warning("job %s: could not upload its logs before deleting scratch: %s", self.job_id, err)
+        if self.outputs.discard_scratch():
+            log.info("job %s %s; deleted its scratch copy %s", self.job_id, outcome, self.outputs.directory)
+
+    def _publish_logs(self) -> None:
+        for name in ("config.json", "metrics.jsonl"):
+            if (self.outputs.directory / name).is_file():
+                self.outputs.publish(self.outputs.directory / name)
+        self.outputs.publish_tensorboard()
+
+    def _execute(self) -> str:
         self._log("attempt started", worker=self.me)
         if is_crash_looping(self.ctx, self.job_id):
             return self._set_failed(ErrorCode.WORKER_LOST, (
@@ -297,10 +321,7 @@ class PretrainAttempt:
         """The final checkpoint (if an earlier attempt did not record it) and the encoder."""
         if result.checkpoint is not None:
             self._record_checkpoint(result.checkpoint)
-        for name in ("config.json", "metrics.jsonl"):
-            if (self.outputs.directory / name).is_file():
-                self.outputs.publish(self.outputs.directory / name)
-        self.outputs.publish_tensorboard()
+        self._publish_logs()
         if result.encoder_dir is None:
             return
         weights = Path(result.encoder_dir) / "encoder.safetensors"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -24,7 +25,6 @@ import pytest
 from jobstore import repo
 from jobstore.models import Checkpoint, Job
 from jobstore.states import TERMINAL, JobStatus
-from simmim.atomic import sha256_file
 from simmim_service.client import SimMIMClient
 from tests.api.conftest import live_api
 from tests.s3 import S3, s3_server
@@ -141,10 +141,10 @@ def test_two_hosts_share_the_queue_and_each_job_lives_under_its_own_prefix(hosts
         assert names - events == EXPECTED_FILES | PREVIEWS, (job_id, sorted(names))
     assert set(by_job) == set(jobs)
 
-    # Each host's scratch space holds the run directories of the jobs it ran, and no other.
+    # Finished jobs leave nothing in a host's scratch space: their files are in the bucket.
     for name, (work_dir, _) in hosts.workers.items():
-        mine = sorted(j for j, host in ran_on.items() if host == name)
-        assert sorted(p.name for p in (work_dir / "jobs").iterdir()) == mine, name
+        assert not list((work_dir / "jobs").glob("*")), (name, list((work_dir / "jobs").glob("*")))
+        assert any(host == name for host in ran_on.values())
 
     # Job records: relative keys whose content (sha256, size) is what S3 holds; no host's path anywhere.
     host_dirs = [str(work_dir.parent) for work_dir, _ in hosts.workers.values()]
@@ -218,16 +218,37 @@ def test_a_job_handed_back_by_one_host_resumes_on_the_other_from_s3(hosts: Hosts
     losses = stack.read(lambda s: repo.metric_history(s, job_id=job_id, key="loss"))
     steps = [p.step for p in losses]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step trained twice
-    # The second host got the checkpoint from S3 (it never saw this job before the hand-back).
+    # The second host resumed from the checkpoint in S3 (it never saw this job before the hand-back:
+    # the "resuming" line above is its attempt's), finished, and deleted its scratch copy.
     second_dir, _ = hosts.workers[second]
     assert not (first_dir / "jobs" / job_id / "checkpoints" / "ckpt_00000040.pt").exists()
-    restored = second_dir / "jobs" / job_id / "checkpoints" / f"ckpt_{stopped_at:08d}.pt"
-    assert sha256_file(restored) == handed_back.sha256
-    # Its run directory and the bucket agree on what is kept (the final checkpoint joined the handed-back one).
-    local = sorted(p.name for p in (second_dir / "jobs" / job_id / "checkpoints").iterdir())
+    assert not (second_dir / "jobs" / job_id).exists()
+    # The bucket keeps the handed-back checkpoint and the final one.
     remote = sorted(k.rsplit("/", 1)[1] for k in s3.keys(bucket, f"{PREFIX}/jobs/{job_id}/checkpoints/"))
-    assert local == remote == sorted(f"ckpt_{s:08d}.{ext}" for s in (stopped_at, 40) for ext in ("json", "pt"))
+    assert remote == sorted(f"ckpt_{s:08d}.{ext}" for s in (stopped_at, 40) for ext in ("json", "pt"))
     records = _records(stack, job_id)
     assert sorted(r.uri.rsplit("/", 1)[1] for r in records if r.kind == "checkpoint") == [
         f"ckpt_{stopped_at:08d}.pt", "ckpt_00000040.pt"]
     assert not [d for d in (str(first_dir.parent), str(second_dir.parent)) if d in _record_text(stack, job_id)]
+
+
+def test_a_cancelled_job_uploads_its_logs_and_leaves_no_scratch(hosts: Hosts) -> None:
+    stack, s3, bucket = hosts.stack, hosts.s3, hosts.bucket
+    job_id = stack.create_job(hosts.digits["train"], max_steps=500, checkpoint_every=1000)
+    stack.submit(job_id)
+    job = stack.wait_for(job_id, lambda j: j.progress.get("step", 0) >= 2, timeout=90)
+    host = hosts.host_of(job)
+    with stack.sessions.begin() as s:
+        repo.request_cancel(s, job_id=job_id)
+    job = stack.wait_for(job_id, lambda j: j.status in TERMINAL, timeout=60)
+    assert job.status == JobStatus.CANCELLED, (job.error_message, stack.worker_logs())
+    names = {k.split(f"/jobs/{job_id}/", 1)[1] for k in s3.keys(bucket, f"{PREFIX}/jobs/{job_id}/")}
+    # the stop checkpoint, and the run's logs (a succeeded job uploads them as it finishes; this one
+    # did when it was cancelled, before its scratch copy went)
+    (stop,) = [c for c in _records(stack, job_id) if c.kind == "checkpoint"]
+    assert {f"checkpoints/ckpt_{stop.step:08d}.pt", "config.json", "metrics.jsonl"} <= names, sorted(names)
+    assert any(n.startswith("tensorboard/events.out.tfevents.") for n in names), sorted(names)
+    deadline = time.monotonic() + 10  # the status is written before the scratch copy is deleted
+    while (hosts.workers[host][0] / "jobs" / job_id).exists():
+        assert time.monotonic() < deadline, "the cancelled job's scratch copy is still there"
+        time.sleep(0.1)
