@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the API (with --embedded: and its workers, no servers needed)")
     p.add_argument("--embedded", action="store_true", help="SQLite + server-less broker + local workers")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=None, help="listen address (default: SIMMIM_HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: SIMMIM_PORT, else 8000)")
     p.add_argument("--data-dir", default=".simmim", help="embedded mode: database, broker and artifacts")
     p.set_defaults(func=cmd_serve)
 

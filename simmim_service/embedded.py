@@ -67,13 +67,18 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def serve(*, embedded: bool, host: str, port: int, data_dir: Path) -> int:
-    """Run the API until SIGINT/SIGTERM (and, embedded, its supervised workers)."""
+def serve(*, embedded: bool, host: str | None, port: int | None, data_dir: Path) -> int:
+    """Run the API until SIGINT/SIGTERM (and, embedded, its supervised workers).
+
+    ``host``/``port`` None: ``SIMMIM_HOST``/``SIMMIM_PORT`` (127.0.0.1:8000 unless set).
+    """
     from api.main import create_app
     from jobstore.db import make_engine, migrate
     from worker.cli import Supervisor, worker_commands
 
     settings = Settings()
+    host = settings.host if host is None else host
+    port = settings.port if port is None else port
     if embedded:
         settings = embedded_settings(settings, data_dir)
         if not settings.api_keys and not _is_loopback(host):

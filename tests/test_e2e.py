@@ -100,9 +100,9 @@ def test_api_and_worker_on_redis(digits: dict[str, Path], test_images: list[Path
 def embedded(tmp_path: Path, digits: dict[str, Path]) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SIMMIM_ALLOWED_ROOTS": json.dumps([str(digits["train"].parent)]),
-           "SIMMIM_PROGRESS_INTERVAL_S": "0"}
+           "SIMMIM_PROGRESS_INTERVAL_S": "0", "SIMMIM_PORT": str(port)}  # the port from the environment
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "simmim_service.cli", "serve", "--embedded", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "simmim_service.cli", "serve", "--embedded",
                              "--data-dir", str(tmp_path / "service")], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
