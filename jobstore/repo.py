@@ -89,6 +89,14 @@ def get_job(session: Session, *, job_id: str, tenant: str | None = None, lock: b
     return job
 
 
+def finished_job_ids(session: Session, *, job_ids: list[str]) -> set[str]:
+    """Those of ``job_ids`` whose job has ended (succeeded, failed or cancelled), any tenant."""
+    if not job_ids:
+        return set()
+    query = select(Job.id).where(Job.id.in_(job_ids), Job.status.in_([s.value for s in TERMINAL]))
+    return set(session.scalars(query))
+
+
 def list_jobs(session: Session, *, tenant: str, limit: int = 20, after: str | None = None,
               status: str | None = None) -> tuple[list[Job], bool]:
     """Newest first; ``after`` is the id of the last job of the previous page. Returns (jobs, has_more)."""

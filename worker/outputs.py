@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from simmim.atomic import atomic_write_with
@@ -29,6 +29,8 @@ PREVIEW_DIR = "previews"
 """Where the engine writes ``step_XXXXXXXX.png`` (:data:`simmim.preview.PREVIEW_DIR`; not imported:
 that module imports torch, and this one runs in the worker's parent process)."""
 TENSORBOARD_DIR = "tensorboard"
+JOB_DIR = re.compile(r"^job_[0-9a-z]+$")
+"""A job's folder under ``<work_dir>/jobs`` (ids from :func:`jobstore.ids.new_id`)."""
 
 
 class JobOutputs:
@@ -172,6 +174,29 @@ class JobOutputs:
             log.warning("could not delete the scratch copy %s of a finished job: %s", self.directory, err)
             return False
         return True
+
+
+def sweep_finished_scratch(work_dir: str | Path, finished: Callable[[list[str]], set[str]]) -> list[str]:
+    """Delete the scratch run directories under ``work_dir/jobs`` of jobs that have ended.
+
+    A job handed back here and finished on another machine leaves its copy behind; the next
+    job this worker finishes sweeps it. ``finished`` maps job ids to those that have ended (the
+    job store decides; a running or recovering job may still need its copy). Returns the ids
+    whose directories were deleted; failures are logged, never raised.
+    """
+    jobs = Path(work_dir).resolve() / "jobs"
+    if not jobs.is_dir():
+        return []
+    ids = sorted(p.name for p in jobs.iterdir() if p.is_dir() and JOB_DIR.match(p.name))
+    deleted = []
+    for job_id in sorted(finished(ids)):
+        try:
+            shutil.rmtree(jobs / job_id)
+        except OSError as err:
+            log.warning("could not delete the scratch copy of finished job %s: %s", job_id, err)
+            continue
+        deleted.append(job_id)
+    return deleted
 
 
 def download(store: ArtifactStore, key: str, target: Path) -> Path:

@@ -25,7 +25,7 @@ from worker.datasets import check_sample, dataset_path
 from worker.failures import classify, is_oom
 from worker.faults import Faults
 from worker.lease import JobLease, ProgressWriter
-from worker.outputs import JobOutputs
+from worker.outputs import JobOutputs, sweep_finished_scratch
 from worker.shutdown import shutdown_requested
 
 if TYPE_CHECKING:
@@ -108,6 +108,19 @@ class PretrainAttempt:
                 log.warning("job %s: could not upload its logs before deleting scratch: %s", self.job_id, err)
         if self.outputs.discard_scratch():
             log.info("job %s %s; deleted its scratch copy %s", self.job_id, outcome, self.outputs.directory)
+
+        def finished(job_ids: list[str]) -> set[str]:
+            with self.ctx.sessions() as session:
+                return repo.finished_job_ids(session, job_ids=job_ids)
+
+        try:  # copies of jobs that were handed back from here and finished elsewhere
+            swept = sweep_finished_scratch(self.ctx.settings.work_dir, finished)
+        except Exception as err:  # the store may be briefly unreachable; the next job sweeps again
+            log.warning("could not sweep the scratch space of finished jobs: %s", err)
+            return
+        if swept:
+            log.info("deleted the scratch copies of %d job(s) that finished elsewhere: %s", len(swept),
+                     ", ".join(swept))
 
     def _publish_logs(self) -> None:
         for name in ("config.json", "metrics.jsonl"):

@@ -14,14 +14,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from pydantic import ValidationError
 
-from jobstore.states import ErrorCode
+from jobstore import repo
+from jobstore.db import make_engine, migrate, session_factory
+from jobstore.states import ErrorCode, JobStatus
 from simmim.checkpoint import CheckpointManager
 from simmim.errors import ConfigError, DataError, NonFiniteLossError
 from simmim_service.artifacts import ArtifactStore
 from simmim_service.spec import TrainingSpec
+from tests.api.store import seed_job
 from worker.embedding import EncoderCache, decode_images
 from worker.failures import classify
-from worker.outputs import JobOutputs
+from worker.outputs import JobOutputs, sweep_finished_scratch
 
 
 def test_local_store_runs_in_place_and_keys_are_relative(tmp_path: Path) -> None:
@@ -51,6 +54,33 @@ def test_remote_store_gets_uploads_and_a_new_machine_restores_the_checkpoint(tmp
     assert latest is not None and latest.step == 8 and latest.sha256 == info.sha256
     assert torch.equal(restored.load(latest)["w"], torch.arange(5.0))
     assert not second.restore_checkpoint("jobs/job_1/checkpoints/ckpt_00000099.pt")
+
+
+def test_the_sweep_deletes_scratch_copies_of_finished_jobs_only(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    migrate(engine)
+    sessions = session_factory(engine)
+    jobs = {status: seed_job(sessions, status=status) for status in (
+        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.RUNNING, JobStatus.RECOVERING)}
+    work = tmp_path / "work"
+    for job_id in jobs.values():
+        (work / "jobs" / job_id / "checkpoints").mkdir(parents=True)
+    (work / "jobs" / "job_neverheardof").mkdir()  # not in this store: not ours to judge
+    (work / "jobs" / "notes").mkdir()  # not a job folder at all
+    (work / "datasets").mkdir()  # fetched datasets are a cache, outside jobs/
+
+    def finished(ids: list[str]) -> set[str]:
+        with sessions() as s:
+            return repo.finished_job_ids(s, job_ids=ids)
+
+    swept = sweep_finished_scratch(work, finished)
+    assert sorted(swept) == sorted(jobs[s] for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED))
+    left = sorted(p.name for p in (work / "jobs").iterdir())
+    assert left == sorted([jobs[JobStatus.RUNNING], jobs[JobStatus.RECOVERING], "job_neverheardof", "notes"])
+    assert (work / "datasets").is_dir()
+    assert sweep_finished_scratch(work, finished) == []
+    assert sweep_finished_scratch(tmp_path / "no-work-dir-yet", finished) == []
+    engine.dispose()
 
 
 def _validation_error() -> ValidationError:
