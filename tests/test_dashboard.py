@@ -14,18 +14,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 
 from simmim_service.client import SimMIMClient
-from tests.services import alive, free_port, unavailable
+from tests.services import alive, free_port, unavailable, wait_until_ready
 from tests.worker.stack import TINY_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,16 +89,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, digits: dict[str, Path]) -
     shots = tmp / "screenshots"
     shots.mkdir()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp / "serve.log").read_text()[-3000:]
-            time.sleep(0.3)
+        wait_until_ready(url, proc, tmp / "serve.log")
         with SimMIMClient(url, api_key=KEY) as client:
             yield Service(url, client, data_dir, shots)
     finally:

@@ -14,14 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from simmim.atomic import sha256_file
 from simmim_service.client import SimMIMClient
 from tests.api.conftest import live_api
-from tests.services import free_port, processes_using, redis_server
+from tests.services import free_port, processes_using, redis_server, wait_until_ready
 from tests.worker.stack import TINY_TRAINING, celery_worker, make_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,16 +106,7 @@ def embedded(tmp_path: Path, digits: dict[str, Path]) -> Iterator[str]:
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.3)
+        wait_until_ready(url, proc, tmp_path / "serve.log")
         yield url
     finally:
         proc.terminate()

@@ -15,12 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from simmim_service.client import SimMIMClient
 from tests.api.conftest import live_api
-from tests.services import free_port, processes_using, redis_server
+from tests.services import free_port, processes_using, redis_server, wait_until_ready
 from tests.worker.stack import TINY_TRAINING, celery_worker, make_stack
 
 pytestmark = pytest.mark.slow
@@ -80,16 +79,7 @@ def embedded_service(data_dir: Path, port: int, allowed: Path, log: Path) -> Ite
                                  str(port), "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.3)
+            wait_until_ready(f"http://127.0.0.1:{port}", proc, log)
             yield proc
         finally:
             if proc.poll() is None:
